@@ -21,7 +21,7 @@ import (
 // Attrs is the JSON value stored under a subnet key.
 type Attrs struct {
 	PublicIP      netip.Addr
-	PublicIPv6    *netip.Addr // null when the node has no IPv6 underlay, as flannel writes it
+	PublicIPv6    *netip.Addr     // null when the node has no IPv6 underlay, as flannel writes it
 	BackendType   string          `json:",omitempty"`
 	BackendData   json.RawMessage `json:",omitempty"`
 	BackendV6Data json.RawMessage `json:",omitempty"`

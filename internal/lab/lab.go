@@ -1,0 +1,263 @@
+// Package lab builds a multi-node loom cluster on one machine out of network
+// namespaces, running the real store, agents and CNI plugin, and tears it
+// down again without leaving anything behind.
+//
+// Topology of lab "a" with a flat underlay and 3 nodes (every box is a
+// network namespace; nothing is added to the root namespace):
+//
+//	                 loom-a-ext   eth0 203.0.113.10/24   (the "internet")
+//	                      |
+//	                 ext0 203.0.113.1/24
+//	  loom-a-rt      br0  198.18.0.1/24, fixed MAC    loom store on :2379
+//	             /          |           \
+//	           n1           n2           n3            (veth ports of br0)
+//	   eth0 198.18.0.11  198.18.0.12  198.18.0.13
+//	  loom-a-n1        loom-a-n2     loom-a-n3         loom agent in each
+//	   cni0 10.244.X.1/24 (made by loom-cni)
+//	     |          |
+//	loom-a-n1-p1  loom-a-n1-p2                        pods, made by loom-cni
+//
+// With --underlay routed, odd nodes sit on br0 (198.18.0.0/24) and even
+// nodes on br1 (198.18.1.0/24), so nodes are no longer all on one link.
+//
+// Everything the lab owns is found by name (namespaces loom-<lab>-*, state
+// under /run/loom/<lab>/, processes by the namespace they run in), so `down`
+// works after a crash or a kill -9 of every lab process.
+package lab
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+)
+
+// Defaults and fixed parts of the address plan (DESIGN.md §5).
+const (
+	DefaultName = "a"
+	StateRoot   = "/run/loom"
+	NSPrefix    = "loom-"
+
+	storePort   = 2379
+	healthzPort = 2401
+	probePort   = 7777
+	podIfName   = "eth0"
+	network     = "10.244.0.0/16"
+)
+
+var (
+	underlayBase = netip.MustParseAddr("198.18.0.0")
+	extRouter    = netip.MustParsePrefix("203.0.113.1/24")
+	extHost      = netip.MustParsePrefix("203.0.113.10/24")
+	labNameRE    = regexp.MustCompile(`^[a-z0-9]{1,6}$`)
+)
+
+// Options are the command-line choices of `loom lab up`.
+type Options struct {
+	Name      string
+	Nodes     int
+	Pods      int
+	Backend   string // host-gw (vxlan and udp arrive with issue #3)
+	Underlay  string // flat | routed
+	Firewall  string // auto | nftables | iptables
+	Store     string // embedded | cluster
+	Datastore string // etcd | kube
+	// BinDir holds the loom and loom-cni binaries. Default: the directory
+	// of the running executable.
+	BinDir string
+}
+
+// Validate fills defaults and refuses what the lab cannot build, naming the
+// flag, the value and what to use instead.
+func (o *Options) Validate() error {
+	if o.Name == "" {
+		o.Name = DefaultName
+	}
+	if !labNameRE.MatchString(o.Name) {
+		return fmt.Errorf("--name %q: use 1 to 6 lower-case letters or digits (namespace names are limited)", o.Name)
+	}
+	if o.Nodes == 0 {
+		o.Nodes = 3
+	}
+	if o.Nodes < 1 || o.Nodes > 200 {
+		return fmt.Errorf("--nodes %d: use 1 to 200", o.Nodes)
+	}
+	if o.Pods < 0 || o.Pods > 50 {
+		return fmt.Errorf("--pods %d: use 0 to 50", o.Pods)
+	}
+	if o.Backend == "" {
+		o.Backend = "host-gw"
+	}
+	switch o.Backend {
+	case "host-gw":
+	case "vxlan", "udp", "wireguard":
+		return fmt.Errorf("--backend %s: not yet (issue #3 brings it); use --backend host-gw", o.Backend)
+	default:
+		return fmt.Errorf("--backend %q: unknown; use host-gw", o.Backend)
+	}
+	if o.Underlay == "" {
+		o.Underlay = "flat"
+	}
+	if o.Underlay != "flat" && o.Underlay != "routed" {
+		return fmt.Errorf("--underlay %q: use flat or routed", o.Underlay)
+	}
+	if o.Firewall == "" {
+		o.Firewall = "auto"
+	}
+	if o.Firewall != "auto" {
+		return fmt.Errorf("--firewall %s: not yet (issue #4 brings firewall modes); leave it at auto", o.Firewall)
+	}
+	if o.Store == "" {
+		o.Store = "embedded"
+	}
+	if o.Store != "embedded" {
+		return fmt.Errorf("--store %s: not yet (issue #6 brings the external cluster); use embedded", o.Store)
+	}
+	if o.Datastore == "" {
+		o.Datastore = "etcd"
+	}
+	if o.Datastore != "etcd" {
+		return fmt.Errorf("--datastore %s: not yet (issue #7 brings Kubernetes mode); use etcd", o.Datastore)
+	}
+	if o.BinDir == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("find the loom binaries: %w", err)
+		}
+		o.BinDir = filepath.Dir(exe)
+	}
+	for _, bin := range []string{"loom", "loom-cni"} {
+		if _, err := os.Stat(filepath.Join(o.BinDir, bin)); err != nil {
+			return fmt.Errorf("binary %s not found in %s: run `make build` first (or pass --bin-dir)", bin, o.BinDir)
+		}
+	}
+	return nil
+}
+
+// Node is one lab node as recorded in the lab's state file.
+type Node struct {
+	Name     string       // n1
+	NS       string       // loom-a-n1
+	Underlay netip.Prefix // 198.18.0.11/24
+	Gateway  netip.Addr   // 198.18.0.1
+	Pods     []Pod
+}
+
+// Pod is one pod namespace made through loom-cni.
+type Pod struct {
+	Name string     // n1-p1
+	NS   string     // loom-a-n1-p1
+	IP   netip.Addr // from the CNI result
+}
+
+// Lab is a built lab: its options and what it is made of.
+type Lab struct {
+	Opts  Options
+	Store netip.AddrPort // client address of the embedded store
+	Nodes []Node
+}
+
+func (l *Lab) dir() string             { return filepath.Join(StateRoot, l.Opts.Name) }
+func (l *Lab) nodeDir(n string) string { return filepath.Join(l.dir(), n) }
+func (l *Lab) ns(part string) string   { return NSPrefix + l.Opts.Name + "-" + part }
+
+// Node returns the node named n1, n2, ...
+func (l *Lab) Node(name string) (*Node, error) {
+	for i := range l.Nodes {
+		if l.Nodes[i].Name == name {
+			return &l.Nodes[i], nil
+		}
+	}
+	return nil, fmt.Errorf("lab %s has no node %q", l.Opts.Name, name)
+}
+
+// NodeDir is where node's subnet.env, logs, IPAM and CNI files live.
+func (l *Lab) NodeDir(node string) string { return l.nodeDir(node) }
+
+// SubnetFile is the node's subnet.env.
+func (l *Lab) SubnetFile(node string) string { return filepath.Join(l.nodeDir(node), "subnet.env") }
+
+// StoreEndpoint is the URL agents use for the store.
+func (l *Lab) StoreEndpoint() string { return "http://" + l.Store.String() }
+
+// RouterNS and ExtNS name the router and "internet" namespaces.
+func (l *Lab) RouterNS() string { return l.ns("rt") }
+func (l *Lab) ExtNS() string    { return l.ns("ext") }
+
+// NSOf maps a lab member name (rt, ext, n1, n1-p1) to its namespace.
+func (l *Lab) NSOf(member string) (string, error) {
+	if member == "rt" || member == "ext" {
+		return l.ns(member), nil
+	}
+	for _, n := range l.Nodes {
+		if n.Name == member {
+			return n.NS, nil
+		}
+		for _, p := range n.Pods {
+			if p.Name == member {
+				return p.NS, nil
+			}
+		}
+	}
+	return "", fmt.Errorf("lab %s has no member %q (use rt, ext, n1.., n1-p1..)", l.Opts.Name, member)
+}
+
+func (l *Lab) save() error {
+	data, err := json.MarshalIndent(l, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(l.dir(), ".lab.json.tmp")
+	if err := os.WriteFile(tmp, data, 0o644); err != nil {
+		return fmt.Errorf("save lab state: %w", err)
+	}
+	return os.Rename(tmp, filepath.Join(l.dir(), "lab.json"))
+}
+
+// ErrNoLab says there is no lab by that name.
+var ErrNoLab = errors.New("no such lab")
+
+// Load reads the state of a lab brought up earlier.
+func Load(name string) (*Lab, error) {
+	if name == "" {
+		name = DefaultName
+	}
+	data, err := os.ReadFile(filepath.Join(StateRoot, name, "lab.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("lab %s: %w (bring it up with `loom lab up --name %s`)", name, ErrNoLab, name)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load lab %s: %w", name, err)
+	}
+	var l Lab
+	if err := json.Unmarshal(data, &l); err != nil {
+		return nil, fmt.Errorf("load lab %s: %w", name, err)
+	}
+	return &l, nil
+}
+
+// nodeAddr is node i's (1-based) underlay address and its bridge index.
+func nodeAddr(i int, routed bool) (netip.Prefix, int) {
+	bridge := 0
+	if routed {
+		bridge = (i - 1) % 2
+	}
+	a := underlayBase.As4()
+	a[2] = byte(bridge)
+	a[3] = byte(10 + i)
+	return netip.PrefixFrom(netip.AddrFrom4(a), 24), bridge
+}
+
+func bridgeAddr(bridge int) netip.Prefix {
+	a := underlayBase.As4()
+	a[2] = byte(bridge)
+	a[3] = 1
+	return netip.PrefixFrom(netip.AddrFrom4(a), 24)
+}
+
+func nodeName(i int) string             { return "n" + strconv.Itoa(i) }
+func podName(node string, j int) string { return node + "-p" + strconv.Itoa(j) }

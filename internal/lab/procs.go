@@ -1,0 +1,234 @@
+package lab
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/loomnet/loom/internal/netns"
+)
+
+// startIn runs bin with args inside namespace ns as a daemon of the lab:
+// its own session (a Ctrl-C of `loom lab up` must not kill the cluster),
+// output appended to logPath. It returns once the process has started.
+func startIn(ns, logPath, bin string, args ...string) (*os.Process, error) {
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open log %s: %w", logPath, err)
+	}
+	defer logf.Close()
+	// `ip netns exec` enters the namespace and also remounts /sys for it,
+	// so the process sees its own namespace's links under /sys/class/net.
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, bin}, args...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s in %s: %w", filepath.Base(bin), ns, err)
+	}
+	// Reap it when it exits, so a test process that outlives its agents
+	// does not collect zombies that still look alive in /proc.
+	go func() { _ = cmd.Wait() }()
+	return cmd.Process, nil
+}
+
+func (l *Lab) loomBin() string { return filepath.Join(l.Opts.BinDir, "loom") }
+
+func (l *Lab) startStore() error {
+	dir := l.dir()
+	return l.record("store", l.RouterNS(), filepath.Join(dir, "store.log"),
+		"store",
+		"--listen", l.StoreEndpoint(),
+		"--peer-listen", "http://127.0.0.1:2380",
+		"--data-dir", filepath.Join(dir, "store"),
+		"--network-config", filepath.Join(dir, "net-conf.json"))
+}
+
+// AgentArgs is the command line the lab gives node's agent.
+func (l *Lab) AgentArgs(node string) []string {
+	return []string{
+		"agent",
+		"--node-name", node,
+		"--etcd-endpoints", l.StoreEndpoint(),
+		"--iface", "eth0",
+		"--ip-masq",
+		"--subnet-file", l.SubnetFile(node),
+		"--state-dir", l.nodeDir(node),
+		"--healthz-ip", "127.0.0.1",
+		"--healthz-port", strconv.Itoa(healthzPort),
+	}
+}
+
+// StartAgent starts node's agent (again).
+func (l *Lab) StartAgent(node string) error {
+	n, err := l.Node(node)
+	if err != nil {
+		return err
+	}
+	return l.record("agent-"+node, n.NS, filepath.Join(l.nodeDir(node), "agent.log"), l.AgentArgs(node)...)
+}
+
+func (l *Lab) record(what, ns, logPath string, args ...string) error {
+	p, err := startIn(ns, logPath, l.loomBin(), args...)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(l.dir(), what+".pid"), []byte(strconv.Itoa(p.Pid)), 0o644)
+}
+
+// StopAgent sends sig to node's agent and waits until it has exited.
+func (l *Lab) StopAgent(node string, sig syscall.Signal) error {
+	n, err := l.Node(node)
+	if err != nil {
+		return err
+	}
+	pids, err := pidsIn([]string{n.NS})
+	if err != nil {
+		return err
+	}
+	for _, pid := range pids {
+		if cmdline(pid) != "agent" {
+			continue
+		}
+		_ = syscall.Kill(pid, sig)
+		if !waitGone(pid, 10*time.Second) {
+			return fmt.Errorf("agent of %s (pid %d) still running 10s after %v", node, pid, sig)
+		}
+	}
+	return nil
+}
+
+// cmdline returns the loom subcommand a process runs ("agent", "store"),
+// or "" for anything else.
+func cmdline(pid int) string {
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil {
+		return ""
+	}
+	args := strings.Split(strings.TrimRight(string(data), "\x00"), "\x00")
+	if len(args) < 2 || filepath.Base(args[0]) != "loom" {
+		return ""
+	}
+	return args[1]
+}
+
+// WaitReady polls node's /readyz until it answers 200 or ctx ends.
+func (l *Lab) WaitReady(ctx context.Context, node string) error {
+	n, err := l.Node(node)
+	if err != nil {
+		return err
+	}
+	client := &http.Client{
+		Transport: &http.Transport{DialContext: netns.Dialer{NS: n.NS}.DialContext, DisableKeepAlives: true},
+		Timeout:   2 * time.Second,
+	}
+	url := fmt.Sprintf("http://127.0.0.1:%d/readyz", healthzPort)
+	var last string
+	for {
+		resp, err := client.Get(url)
+		if err == nil {
+			body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			last = fmt.Sprintf("%s: %s", resp.Status, strings.TrimSpace(string(body)))
+		} else {
+			last = err.Error()
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("agent of %s not ready (%s); see %s", node, last, filepath.Join(l.nodeDir(node), "agent.log"))
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// pidsIn lists the processes whose network namespace is one of the named
+// ones, found through /proc so nothing depends on pid files surviving.
+func pidsIn(names []string) ([]int, error) {
+	inodes := map[uint64]bool{}
+	for _, n := range names {
+		ino, err := netns.Inode(netns.Path(n))
+		if err == nil {
+			inodes[ino] = true
+		}
+	}
+	if len(inodes) == 0 {
+		return nil, nil
+	}
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, fmt.Errorf("list processes: %w", err)
+	}
+	self := os.Getpid()
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		ino, err := netns.Inode("/proc/" + e.Name() + "/ns/net")
+		if err == nil && inodes[ino] {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
+}
+
+func alive(pid int) bool {
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	// A zombie has exited; only its parent has not reaped it yet.
+	if i := strings.LastIndexByte(string(data), ')'); i >= 0 && i+2 < len(data) {
+		return data[i+2] != 'Z'
+	}
+	return true
+}
+
+func waitGone(pid int, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if !alive(pid) {
+			return true
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return !alive(pid)
+}
+
+// killAll stops every process inside the named namespaces: SIGTERM, then
+// SIGKILL for whatever is still there after a grace period.
+func killAll(names []string) error {
+	pids, err := pidsIn(names)
+	if err != nil {
+		return err
+	}
+	for _, pid := range pids {
+		_ = syscall.Kill(pid, syscall.SIGTERM)
+	}
+	var stuck []string
+	for _, pid := range pids {
+		if waitGone(pid, 3*time.Second) {
+			continue
+		}
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		if !waitGone(pid, 3*time.Second) {
+			stuck = append(stuck, strconv.Itoa(pid))
+		}
+	}
+	if len(stuck) > 0 {
+		return errors.New("processes " + strings.Join(stuck, ",") + " survived SIGKILL")
+	}
+	return nil
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages loom's lab and tests need, only when missing,
+# so `make lab` and `make test` work on a machine that has only Go.
+set -euo pipefail
+
+need=()
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+
+if ((${#need[@]} == 0)); then
+	exit 0
+fi
+if [[ $(id -u) != 0 ]]; then
+	echo "missing packages ${need[*]}: run as root (the lab and the tests need root anyway)" >&2
+	exit 1
+fi
+echo "installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
