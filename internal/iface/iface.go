@@ -19,13 +19,13 @@ import (
 
 // Config says how to choose. Zero value: the interface of the default route.
 type Config struct {
-	Ifaces   []string   // -iface: names or addresses, tried in order
-	Regexes  []string   // -iface-regex: tried in order when Ifaces is empty
-	CanReach netip.Addr // -iface-can-reach: the interface the kernel would use to reach it
-	PublicIP netip.Addr // -public-ip: advertised instead of the interface address
-	PublicV6 netip.Addr // -public-ipv6
-	WantV4   bool       // an IPv4 address is required
-	WantV6   bool       // an IPv6 address is required
+	Ifaces   []string         // -iface: names or addresses, tried in order
+	Regexes  []*regexp.Regexp // -iface-regex: tried in order when Ifaces is empty
+	CanReach netip.Addr       // -iface-can-reach: the interface the kernel would use to reach it
+	PublicIP netip.Addr       // -public-ip: advertised instead of the interface address
+	PublicV6 netip.Addr       // -public-ipv6
+	WantV4   bool             // an IPv4 address is required
+	WantV6   bool             // an IPv6 address is required
 }
 
 // Iface is the chosen underlay interface.
@@ -101,16 +101,15 @@ func byNameOrAddr(specs []string) (netlink.Link, string, error) {
 	return nil, "", fmt.Errorf("-iface: none of %s is usable: %s", strings.Join(specs, ","), strings.Join(tried, "; "))
 }
 
-func byRegex(exprs []string) (netlink.Link, string, error) {
+func byRegex(exprs []*regexp.Regexp) (netlink.Link, string, error) {
 	links, err := netlink.LinkList()
 	if err != nil {
 		return nil, "", fmt.Errorf("list interfaces: %w", err)
 	}
-	for _, e := range exprs {
-		re, err := regexp.Compile(e)
-		if err != nil {
-			return nil, "", fmt.Errorf("-iface-regex %q: %w", e, err)
-		}
+	var names []string
+	for _, re := range exprs {
+		names = append(names, re.String())
+		e := re.String()
 		for _, l := range links {
 			if re.MatchString(l.Attrs().Name) {
 				return l, "-iface-regex " + e, nil
@@ -123,7 +122,7 @@ func byRegex(exprs []string) (netlink.Link, string, error) {
 			}
 		}
 	}
-	return nil, "", fmt.Errorf("-iface-regex: no interface name or address matches %s", strings.Join(exprs, ","))
+	return nil, "", fmt.Errorf("-iface-regex: no interface name or address matches %s", strings.Join(names, ","))
 }
 
 func byReach(dst netip.Addr) (netlink.Link, string, error) {
