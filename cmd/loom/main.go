@@ -1,0 +1,64 @@
+// Command loom is the loom node agent, the embedded store, the lab and the
+// tools around them, as subcommands of one binary.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/loomnet/loom/internal/agent"
+	"github.com/loomnet/loom/internal/labcmd"
+	"github.com/loomnet/loom/internal/version"
+)
+
+const usage = `usage: loom COMMAND [flags]
+
+commands:
+  agent     run the node agent (flanneld's flags are accepted)
+  store     run an embedded etcd server for loom
+  lab       build and drive a multi-node cluster on this machine
+  version   print the version
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "loom:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return errors.New("no command given")
+	}
+	cmd, rest := args[0], args[1:]
+	switch cmd {
+	case "agent":
+		return agent.Main(ctx, rest, stdout, stderr)
+	case "store":
+		return runStore(ctx, rest, stderr)
+	case "lab":
+		return labcmd.Main(ctx, rest, stdout, stderr)
+	case "version", "-version", "--version":
+		fmt.Fprintln(stdout, version.String())
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(stderr, usage)
+	return fmt.Errorf("unknown command %q", cmd)
+}

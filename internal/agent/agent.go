@@ -1,0 +1,376 @@
+// Package agent is the node agent, flanneld's job: it takes a subnet lease
+// for this node, programs the data path to every peer, writes subnet.env for
+// the CNI plugin and serves /healthz, /readyz and /metrics.
+//
+//	options ──► netconf.Config (etcd <prefix>/config or -net-config-path)
+//	iface.Select ──► underlay interface and public IP
+//	registry.Keep ──► own lease ──► subnet.env, backend.SetLocal
+//	registry.List + Watch ──► peer events ──► backend.Handle
+//	backend.Run: reconcile loop ◄── netlink events + periodic resync
+//
+// On SIGTERM the context ends: the lease is closed without being released
+// and the kernel state stays, so pods keep working while the agent restarts
+// and the restarted agent takes the same subnet back.
+package agent
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/loomnet/loom/internal/backend"
+	"github.com/loomnet/loom/internal/backend/hostgw"
+	"github.com/loomnet/loom/internal/health"
+	"github.com/loomnet/loom/internal/iface"
+	"github.com/loomnet/loom/internal/lease"
+	"github.com/loomnet/loom/internal/netconf"
+	"github.com/loomnet/loom/internal/options"
+	"github.com/loomnet/loom/internal/registry"
+	"github.com/loomnet/loom/internal/subnetenv"
+	"github.com/loomnet/loom/internal/version"
+)
+
+// Main runs `loom agent ARGS` until ctx ends.
+func Main(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	opts, err := options.Parse(args, os.Getenv)
+	if errors.Is(err, flag.ErrHelp) {
+		options.Usage(stdout)
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	if opts.Version {
+		fmt.Fprintln(stdout, version.String())
+		return nil
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: opts.LogLevel}))
+	return Run(ctx, opts, log)
+}
+
+// Run is the agent. It returns nil when ctx ends, or the error that stopped it.
+func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
+	log.Info("starting", "version", version.String(), "node", opts.NodeName)
+	if opts.KubeSubnetMgr {
+		return errors.New("-kube-subnet-mgr: Kubernetes mode is not in this version of loom yet (issue #7); use etcd")
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	reg, err := registry.New(ctx, registry.Config{
+		Endpoints:      opts.EtcdEndpoints,
+		Prefix:         opts.EtcdPrefix,
+		CertFile:       opts.EtcdCertFile,
+		KeyFile:        opts.EtcdKeyFile,
+		CAFile:         opts.EtcdCAFile,
+		Username:       opts.EtcdUsername,
+		Password:       opts.EtcdPassword,
+		DialTimeout:    opts.EtcdDialTimeout,
+		RequestTimeout: opts.EtcdRequestTimeout,
+		Logger:         log,
+	})
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+
+	cfg, err := networkConfig(ctx, opts, reg)
+	if err != nil {
+		return err
+	}
+	ifc, err := iface.Select(iface.Config{
+		Ifaces:   opts.Iface,
+		Regexes:  opts.IfaceRegex,
+		CanReach: opts.IfaceCanReach,
+		PublicIP: opts.PublicIP,
+		PublicV6: opts.PublicIPv6,
+		WantV4:   cfg.EnableIPv4,
+		WantV6:   cfg.EnableIPv6,
+	})
+	if err != nil {
+		return fmt.Errorf("choose the underlay interface: %w", err)
+	}
+	log.Info("underlay", "iface", ifc.Name, "chosen-by", ifc.How, "public-ip", ifc.PublicIP, "public-ipv6", ifc.PublicV6, "mtu", ifc.MTU)
+	if err := cfg.CheckUnderlay(ifc.Prefixes); err != nil {
+		return err
+	}
+	if err := enableForwarding(cfg); err != nil {
+		return err
+	}
+
+	metrics := prometheus.NewRegistry()
+	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	be, mtu, err := newBackend(cfg, ifc, opts, log, metrics)
+	if err != nil {
+		return err
+	}
+
+	a := &agent{opts: opts, cfg: cfg, log: log, be: be, mtu: mtu}
+	a.registerMetrics(metrics)
+	req := registry.Request{
+		NodeName: opts.NodeName,
+		Config:   cfg,
+		Attrs: lease.Attrs{
+			BackendType: cfg.Backend.Type,
+		},
+	}
+	if cfg.EnableIPv4 {
+		req.Attrs.PublicIP = ifc.PublicIP
+	}
+	if cfg.EnableIPv6 {
+		v6 := ifc.PublicV6
+		req.Attrs.PublicIPv6 = &v6
+	}
+	if prev, err := subnetenv.Read(opts.SubnetFile); err == nil {
+		req.Previous, req.PreviousV6 = prev.Subnet.Masked(), prev.IPv6Subnet.Masked()
+		log.Info("previous subnet from "+opts.SubnetFile, "subnet", req.Previous, "ipv6-subnet", req.PreviousV6)
+	} else if !errors.Is(err, subnetenv.ErrNotExist) {
+		log.Warn("ignoring unreadable subnet file", "err", err)
+	}
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+
+	errc := make(chan error, 4)
+	first := make(chan struct{})
+	var firstOnce sync.Once
+	wg.Go(func() {
+		err := reg.Keep(ctx, req, func(l lease.Lease) {
+			if err := a.setLease(l); err != nil {
+				errc <- err
+				return
+			}
+			firstOnce.Do(func() { close(first) })
+		})
+		if err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("hold subnet lease: %w", err)
+		}
+	})
+	select {
+	case <-first:
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		return nil
+	}
+
+	if opts.HealthzPort > 0 {
+		addr := netip.AddrPortFrom(opts.HealthzIP, uint16(opts.HealthzPort))
+		checks := &health.Checks{}
+		checks.Add("lease", func(context.Context) error { return a.leaseReady() })
+		checks.Add("subnet.env", func(context.Context) error { return a.subnetFileReady() })
+		checks.Add("datapath", health.Ready(be.Ready, "peer routes not programmed yet"))
+		hcfg := health.Config{Checks: checks, Metrics: metrics, Logger: log}
+		wg.Go(func() {
+			if err := health.Serve(ctx, addr.String(), hcfg); err != nil && ctx.Err() == nil {
+				errc <- fmt.Errorf("serve health on %s: %w", addr, err)
+			}
+		})
+	}
+	wg.Go(func() {
+		if err := be.Run(ctx); err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("data path: %w", err)
+		}
+	})
+	wg.Go(func() {
+		if err := a.watchPeers(ctx, reg); err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("watch peers: %w", err)
+		}
+	})
+
+	select {
+	case <-ctx.Done():
+		log.Info("stopping; leaving the data path and the lease in place")
+		return nil
+	case err := <-errc:
+		return err
+	}
+}
+
+type agent struct {
+	opts options.Options
+	cfg  netconf.Config
+	log  *slog.Logger
+	be   backend.Network
+	mtu  int
+
+	mu  sync.Mutex  // guards own
+	own lease.Lease // the lease this node holds
+
+	leases      atomic.Int64 // peers known from the registry, for metrics
+	subnetWrote atomic.Bool
+}
+
+// setLease records a (new) own lease: the backend must never route to it,
+// and the CNI plugin learns it from subnet.env.
+func (a *agent) setLease(l lease.Lease) error {
+	a.mu.Lock()
+	a.own = l
+	a.mu.Unlock()
+	a.be.SetLocal(l)
+	env := subnetenv.Env{MTU: a.mtu, IPMasq: a.opts.IPMasq}
+	if a.cfg.EnableIPv4 {
+		env.Network = a.cfg.Network
+		env.Subnet = gateway(l.Subnet)
+	}
+	if a.cfg.EnableIPv6 {
+		env.IPv6Network = a.cfg.IPv6Network
+		env.IPv6Subnet = gateway(l.IPv6Subnet)
+	}
+	if err := subnetenv.Write(a.opts.SubnetFile, env); err != nil {
+		return err
+	}
+	a.subnetWrote.Store(true)
+	a.log.Info("holding subnet lease", "subnet", l.Subnet, "ipv6-subnet", l.IPv6Subnet, "subnet-file", a.opts.SubnetFile)
+	return nil
+}
+
+func (a *agent) leaseReady() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.own.Subnet.IsValid() && !a.own.IPv6Subnet.IsValid() {
+		return errors.New("no subnet lease yet")
+	}
+	return nil
+}
+
+// subnetFileReady checks the file on disk, not just that it was written
+// once: a CNI ADD fails with "not available" without it.
+func (a *agent) subnetFileReady() error {
+	if !a.subnetWrote.Load() {
+		return errors.New("not written yet")
+	}
+	env, err := subnetenv.Read(a.opts.SubnetFile)
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	own := a.own
+	a.mu.Unlock()
+	if env.Subnet.Masked() != own.Subnet || env.IPv6Subnet.Masked() != own.IPv6Subnet {
+		return fmt.Errorf("%s says %s, the lease is %s", a.opts.SubnetFile, env.Subnet, own.Subnet)
+	}
+	return nil
+}
+
+// watchPeers lists the registry once, hands every peer to the backend, and
+// then follows changes. Our own lease is filtered out by the backend too
+// (SetLocal), but it must not count as a peer here either.
+func (a *agent) watchPeers(ctx context.Context, reg *registry.Registry) error {
+	leases, rev, err := reg.List(ctx)
+	if err != nil {
+		return err
+	}
+	events := make([]lease.Event, 0, len(leases))
+	for _, l := range leases {
+		events = append(events, lease.Event{Type: lease.Added, Lease: l})
+	}
+	a.deliver(events)
+	return reg.Watch(ctx, rev, leases, a.deliver)
+}
+
+func (a *agent) deliver(events []lease.Event) {
+	a.mu.Lock()
+	own := a.own
+	a.mu.Unlock()
+	peers := events[:0:0]
+	for _, e := range events {
+		if e.Lease.Subnet == own.Subnet && e.Lease.IPv6Subnet == own.IPv6Subnet {
+			continue
+		}
+		switch e.Type {
+		case lease.Added:
+			a.log.Debug("peer", "event", e.Type, "lease", e.Lease.String(), "public-ip", e.Lease.Attrs.PublicIP)
+		case lease.Removed:
+			a.log.Info("peer gone", "lease", e.Lease.String())
+		}
+		peers = append(peers, e)
+	}
+	if len(peers) > 0 {
+		a.be.Handle(peers)
+	}
+}
+
+func (a *agent) registerMetrics(reg *prometheus.Registry) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "loom_lease_held",
+		Help: "1 while this node holds a subnet lease.",
+	}, func() float64 {
+		if a.leaseReady() == nil {
+			return 1
+		}
+		return 0
+	}))
+}
+
+// gateway is the first address of a node subnet with the subnet's length:
+// 10.244.1.0/24 → 10.244.1.1/24, the form subnet.env carries.
+func gateway(p netip.Prefix) netip.Prefix {
+	if !p.IsValid() {
+		return p
+	}
+	return netip.PrefixFrom(p.Addr().Next(), p.Bits())
+}
+
+// networkConfig reads the network configuration from the file named by
+// -net-config-path when it was given, else from etcd.
+func networkConfig(ctx context.Context, opts options.Options, reg *registry.Registry) (netconf.Config, error) {
+	if opts.NetConfigPathSet {
+		data, err := os.ReadFile(opts.NetConfigPath)
+		if err != nil {
+			return netconf.Config{}, fmt.Errorf("read -net-config-path: %w", err)
+		}
+		cfg, err := netconf.Parse(data)
+		if err != nil {
+			return netconf.Config{}, fmt.Errorf("network config %s: %w", opts.NetConfigPath, err)
+		}
+		return cfg, nil
+	}
+	return reg.NetworkConfig(ctx)
+}
+
+func newBackend(cfg netconf.Config, ifc iface.Iface, opts options.Options, log *slog.Logger, metrics prometheus.Registerer) (backend.Network, int, error) {
+	switch cfg.Backend.Type {
+	case netconf.BackendHostGW:
+		n, err := hostgw.New(hostgw.Config{
+			ExtLinkIndex: ifc.Index,
+			Resync:       opts.Resync,
+			Logger:       log,
+			Metrics:      metrics,
+		})
+		// host-gw adds no header: pods get the underlay MTU.
+		return n, ifc.MTU, err
+	}
+	return nil, 0, fmt.Errorf("Backend.Type %q is not available in this version of loom yet (vxlan and udp arrive with issue #3): set \"Backend\": {\"Type\": \"host-gw\"} in the network config", cfg.Backend.Type)
+}
+
+// enableForwarding turns on IP forwarding for the enabled families: a node
+// routes between its pods and its peers. A fresh host or network namespace
+// has it off, and then nothing crosses nodes.
+func enableForwarding(cfg netconf.Config) error {
+	var keys []string
+	if cfg.EnableIPv4 {
+		keys = append(keys, "net/ipv4/ip_forward")
+	}
+	if cfg.EnableIPv6 {
+		keys = append(keys, "net/ipv6/conf/all/forwarding")
+	}
+	for _, k := range keys {
+		if err := os.WriteFile(filepath.Join("/proc/sys", k), []byte("1"), 0o644); err != nil {
+			return fmt.Errorf("enable forwarding (%s): %w", k, err)
+		}
+	}
+	return nil
+}
