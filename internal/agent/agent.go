@@ -25,6 +25,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -85,7 +86,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	}
 	defer reg.Close()
 
-	cfg, err := networkConfig(ctx, opts, reg)
+	cfg, err := networkConfig(ctx, opts, reg, log)
 	if err != nil {
 		return err
 	}
@@ -179,13 +180,19 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 			}
 		})
 	}
+	// The backend starts with every peer already known, so its first full
+	// sync (which makes /readyz green) programs routes to all of them.
+	leases, rev, err := a.listPeers(ctx, reg)
+	if err != nil {
+		return nil
+	}
 	wg.Go(func() {
 		if err := be.Run(ctx); err != nil && ctx.Err() == nil {
 			errc <- fmt.Errorf("data path: %w", err)
 		}
 	})
 	wg.Go(func() {
-		if err := a.watchPeers(ctx, reg); err != nil && ctx.Err() == nil {
+		if err := reg.Watch(ctx, rev, leases, a.deliver); err != nil && ctx.Err() == nil {
 			errc <- fmt.Errorf("watch peers: %w", err)
 		}
 	})
@@ -265,20 +272,26 @@ func (a *agent) subnetFileReady() error {
 	return nil
 }
 
-// watchPeers lists the registry once, hands every peer to the backend, and
-// then follows changes. Our own lease is filtered out by the backend too
-// (SetLocal), but it must not count as a peer here either.
-func (a *agent) watchPeers(ctx context.Context, reg *registry.Registry) error {
-	leases, rev, err := reg.List(ctx)
-	if err != nil {
-		return err
+// listPeers lists the registry and hands every peer to the backend,
+// retrying until it succeeds or ctx ends (then it returns ctx's error).
+func (a *agent) listPeers(ctx context.Context, reg *registry.Registry) ([]lease.Lease, int64, error) {
+	for {
+		leases, rev, err := reg.List(ctx)
+		if err == nil {
+			events := make([]lease.Event, 0, len(leases))
+			for _, l := range leases {
+				events = append(events, lease.Event{Type: lease.Added, Lease: l})
+			}
+			a.deliver(events)
+			return leases, rev, nil
+		}
+		a.log.Warn("list subnet leases; retrying", "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, 0, ctx.Err()
+		case <-time.After(time.Second):
+		}
 	}
-	events := make([]lease.Event, 0, len(leases))
-	for _, l := range leases {
-		events = append(events, lease.Event{Type: lease.Added, Lease: l})
-	}
-	a.deliver(events)
-	return reg.Watch(ctx, rev, leases, a.deliver)
 }
 
 func (a *agent) deliver(events []lease.Event) {
@@ -326,7 +339,7 @@ func gateway(p netip.Prefix) netip.Prefix {
 
 // networkConfig reads the network configuration from the file named by
 // -net-config-path when it was given, else from etcd.
-func networkConfig(ctx context.Context, opts options.Options, reg *registry.Registry) (netconf.Config, error) {
+func networkConfig(ctx context.Context, opts options.Options, reg *registry.Registry, log *slog.Logger) (netconf.Config, error) {
 	if opts.NetConfigPathSet {
 		data, err := os.ReadFile(opts.NetConfigPath)
 		if err != nil {
@@ -338,7 +351,28 @@ func networkConfig(ctx context.Context, opts options.Options, reg *registry.Regi
 		}
 		return cfg, nil
 	}
-	return reg.NetworkConfig(ctx)
+	// The store may be up before anyone wrote the config, or briefly
+	// unreachable: wait for it, as flanneld does, instead of dying in a
+	// restart loop. Readiness stays false meanwhile.
+	var lastErr string
+	for {
+		cfg, err := reg.NetworkConfig(ctx)
+		if err == nil {
+			return cfg, nil
+		}
+		if ctx.Err() != nil {
+			return netconf.Config{}, err
+		}
+		if err.Error() != lastErr {
+			log.Warn("waiting for the network config", "err", err)
+			lastErr = err.Error()
+		}
+		select {
+		case <-ctx.Done():
+			return netconf.Config{}, err
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 func newBackend(cfg netconf.Config, ifc iface.Iface, opts options.Options, log *slog.Logger, metrics prometheus.Registerer) (backend.Network, int, error) {

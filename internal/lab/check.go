@@ -39,12 +39,16 @@ func (r Row) OK() bool {
 }
 
 // Matrix builds the rows the lab is expected to pass. Every node is probed;
-// cross-node pairs go around the ring of nodes in both directions.
+// cross-node pairs go around the ring of the nodes that share its underlay
+// segment, in both directions. With a routed underlay and host-gw, pods on
+// different segments must NOT reach each other: host-gw cannot route to a
+// peer that is not on-link, and says so instead of installing a route that
+// blackholes traffic.
 func (l *Lab) Matrix() []Row {
 	var rows []Row
 	port := uint16(probePort)
 	for i, n := range l.Nodes {
-		next := l.Nodes[(i+1)%len(l.Nodes)]
+		next, ok := l.nextOnSegment(i)
 		if len(n.Pods) >= 2 {
 			a, b := n.Pods[0], n.Pods[1]
 			for _, proto := range []string{"tcp", "udp"} {
@@ -52,32 +56,56 @@ func (l *Lab) Matrix() []Row {
 					Target: netip.AddrPortFrom(b.IP, port), WantSeen: a.IP})
 			}
 		}
-		if len(n.Pods) >= 1 && len(next.Pods) >= 1 && next.Name != n.Name {
-			a, b := n.Pods[0], next.Pods[0]
-			for _, proto := range []string{"tcp", "udp"} {
-				rows = append(rows, Row{Kind: "pod->pod cross-node", From: a.Name, To: b.Name, Proto: proto,
-					Target: netip.AddrPortFrom(b.IP, port), WantSeen: a.IP})
-				rows = append(rows, Row{Kind: "pod->pod cross-node", From: b.Name, To: a.Name, Proto: proto,
-					Target: netip.AddrPortFrom(a.IP, port), WantSeen: b.IP})
+		if len(n.Pods) == 0 {
+			continue
+		}
+		p := n.Pods[0]
+		rows = append(rows,
+			Row{Kind: "node->pod", From: n.Name, To: p.Name, Proto: "tcp", Target: netip.AddrPortFrom(p.IP, port)},
+			Row{Kind: "pod->node", From: p.Name, To: n.Name, Proto: "tcp", Target: netip.AddrPortFrom(n.Underlay.Addr(), port), WantSeen: p.IP},
+		)
+		if ok {
+			rows = append(rows, Row{Kind: "pod->node", From: p.Name, To: next.Name, Proto: "tcp", Target: netip.AddrPortFrom(next.Underlay.Addr(), port)})
+			if len(next.Pods) >= 1 {
+				q := next.Pods[0]
+				for _, proto := range []string{"tcp", "udp"} {
+					rows = append(rows,
+						Row{Kind: "pod->pod cross-node", From: p.Name, To: q.Name, Proto: proto, Target: netip.AddrPortFrom(q.IP, port), WantSeen: p.IP},
+						Row{Kind: "pod->pod cross-node", From: q.Name, To: p.Name, Proto: proto, Target: netip.AddrPortFrom(p.IP, port), WantSeen: q.IP})
+				}
+				rows = append(rows, Row{Kind: "node->pod", From: n.Name, To: q.Name, Proto: "tcp", Target: netip.AddrPortFrom(q.IP, port)})
 			}
 		}
-		if len(n.Pods) >= 1 {
-			p := n.Pods[0]
-			rows = append(rows,
-				Row{Kind: "node->pod", From: n.Name, To: p.Name, Proto: "tcp", Target: netip.AddrPortFrom(p.IP, port)},
-				Row{Kind: "pod->node", From: p.Name, To: n.Name, Proto: "tcp", Target: netip.AddrPortFrom(n.Underlay.Addr(), port), WantSeen: p.IP},
-			)
-			if next.Name != n.Name {
-				rows = append(rows,
-					Row{Kind: "pod->node", From: p.Name, To: next.Name, Proto: "tcp", Target: netip.AddrPortFrom(next.Underlay.Addr(), port)})
-				if len(next.Pods) >= 1 {
-					q := next.Pods[0]
-					rows = append(rows, Row{Kind: "node->pod", From: n.Name, To: q.Name, Proto: "tcp", Target: netip.AddrPortFrom(q.IP, port)})
-				}
-			}
+		if other, ok := l.firstOffSegment(n); ok && len(other.Pods) >= 1 && l.Opts.Backend == "host-gw" {
+			q := other.Pods[0]
+			rows = append(rows, Row{Kind: "pod->pod other segment (host-gw: not on-link)", From: p.Name, To: q.Name, Proto: "tcp",
+				Target: netip.AddrPortFrom(q.IP, port), WantFail: true})
 		}
 	}
 	return rows
+}
+
+// nextOnSegment is the next node after node i, around the ring, that shares
+// its underlay subnet.
+func (l *Lab) nextOnSegment(i int) (Node, bool) {
+	n := l.Nodes[i]
+	for k := 1; k < len(l.Nodes); k++ {
+		m := l.Nodes[(i+k)%len(l.Nodes)]
+		if m.Underlay.Masked() == n.Underlay.Masked() {
+			return m, true
+		}
+	}
+	return Node{}, false
+}
+
+// firstOffSegment is the first node on another underlay subnet than n.
+func (l *Lab) firstOffSegment(n Node) (Node, bool) {
+	for _, m := range l.Nodes {
+		if m.Underlay.Masked() != n.Underlay.Masked() {
+			return m, true
+		}
+	}
+	return Node{}, false
 }
 
 // Check runs the rows: it opens probe listeners in every target namespace,

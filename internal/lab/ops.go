@@ -73,6 +73,9 @@ func Up(ctx context.Context, opts Options, log *slog.Logger) (l *Lab, err error)
 	if err := l.waitAllReady(ctx); err != nil {
 		return nil, err
 	}
+	if err := l.WaitConverged(ctx); err != nil {
+		return nil, err
+	}
 	log.Info("creating pods through loom-cni", "per-node", opts.Pods)
 	for _, n := range l.Nodes {
 		for j := 1; j <= opts.Pods; j++ {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +15,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/loomnet/loom/internal/netns"
+	"github.com/loomnet/loom/internal/subnetenv"
 )
 
 // startIn runs bin with args inside namespace ns as a daemon of the lab:
@@ -114,6 +118,10 @@ func cmdline(pid int) string {
 		return ""
 	}
 	args := strings.Split(strings.TrimRight(string(data), "\x00"), "\x00")
+	// Between fork and exec, `ip netns exec NS loom agent ...` is still ip.
+	if len(args) > 4 && filepath.Base(args[0]) == "ip" && args[1] == "netns" && args[2] == "exec" {
+		args = args[4:]
+	}
 	if len(args) < 2 || filepath.Base(args[0]) != "loom" {
 		return ""
 	}
@@ -143,6 +151,11 @@ func (l *Lab) WaitReady(ctx context.Context, node string) error {
 			last = fmt.Sprintf("%s: %s", resp.Status, strings.TrimSpace(string(body)))
 		} else {
 			last = err.Error()
+		}
+		if !l.recordedAlive("agent-" + node) {
+			logPath := filepath.Join(l.nodeDir(node), "agent.log")
+			data, _ := os.ReadFile(logPath)
+			return fmt.Errorf("agent of %s is not running; last lines of %s:\n%s", node, logPath, lastLines(data, 5))
 		}
 		select {
 		case <-ctx.Done():
@@ -231,4 +244,89 @@ func killAll(names []string) error {
 		return errors.New("processes " + strings.Join(stuck, ",") + " survived SIGKILL")
 	}
 	return nil
+}
+
+func lastLines(b []byte, n int) string {
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// recordedAlive reports whether the process recorded by record(what) is
+// still running. The pid stays the same through `ip netns exec`'s exec.
+func (l *Lab) recordedAlive(what string) bool {
+	data, err := os.ReadFile(filepath.Join(l.dir(), what+".pid"))
+	if err != nil {
+		return false
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	return err == nil && alive(pid)
+}
+
+// WaitConverged waits until every node has a route to the subnet of every
+// peer it can reach (all nodes; with host-gw only the nodes on its own
+// underlay segment). Readiness says a node's data path is programmed for
+// the peers it knew when it started; convergence says every node has
+// learned of every other.
+func (l *Lab) WaitConverged(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	for {
+		missing, err := l.missingRoutes()
+		if err == nil && len(missing) == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			if err != nil {
+				return fmt.Errorf("lab did not converge: %w", err)
+			}
+			return fmt.Errorf("lab did not converge: missing routes: %s", strings.Join(missing, "; "))
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (l *Lab) missingRoutes() ([]string, error) {
+	subnets := map[string]netip.Prefix{}
+	for _, n := range l.Nodes {
+		env, err := subnetenv.Read(l.SubnetFile(n.Name))
+		if err != nil {
+			return nil, err
+		}
+		subnets[n.Name] = env.Subnet.Masked()
+	}
+	var missing []string
+	for _, n := range l.Nodes {
+		h, err := openHandle(n.NS)
+		if err != nil {
+			return nil, err
+		}
+		routes, err := h.RouteList(nil, netlink.FAMILY_V4)
+		h.Close()
+		if err != nil {
+			return nil, fmt.Errorf("routes of %s: %w", n.Name, err)
+		}
+		have := map[netip.Prefix]bool{}
+		for _, r := range routes {
+			if r.Dst == nil {
+				continue
+			}
+			if a, ok := netip.AddrFromSlice(r.Dst.IP); ok {
+				ones, _ := r.Dst.Mask.Size()
+				have[netip.PrefixFrom(a.Unmap(), ones)] = true
+			}
+		}
+		for _, m := range l.Nodes {
+			if m.Name == n.Name || (l.Opts.Backend == "host-gw" && m.Underlay.Masked() != n.Underlay.Masked()) {
+				continue
+			}
+			if !have[subnets[m.Name]] {
+				missing = append(missing, fmt.Sprintf("%s has no route to %s's subnet %s", n.Name, m.Name, subnets[m.Name]))
+			}
+		}
+	}
+	return missing, nil
 }

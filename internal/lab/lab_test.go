@@ -1,0 +1,84 @@
+package lab
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+// Unit tests of the lab's plan; no root needed.
+
+func TestOptionsValidate(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name string
+		opts Options
+		want string // error substring; "" = valid
+	}{
+		{name: "defaults", opts: Options{}, want: "binary loom not found"},
+		{name: "bad name", opts: Options{Name: "Lab_1"}, want: `--name "Lab_1"`},
+		{name: "too many nodes", opts: Options{Nodes: 500}, want: "--nodes 500"},
+		{name: "vxlan not yet", opts: Options{Backend: "vxlan"}, want: "--backend vxlan: not yet"},
+		{name: "unknown backend", opts: Options{Backend: "ipip"}, want: `--backend "ipip": unknown`},
+		{name: "bad underlay", opts: Options{Underlay: "mesh"}, want: `--underlay "mesh"`},
+		{name: "kube not yet", opts: Options{Datastore: "kube"}, want: "--datastore kube: not yet"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := tc.opts
+			o.BinDir = dir
+			err := o.Validate()
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Validate() = %v, want error containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestAddressPlan(t *testing.T) {
+	for _, tc := range []struct {
+		node       int
+		routed     bool
+		want       string
+		wantBridge int
+	}{
+		{node: 1, want: "198.18.0.11/24"},
+		{node: 3, want: "198.18.0.13/24"},
+		{node: 1, routed: true, want: "198.18.0.11/24", wantBridge: 0},
+		{node: 2, routed: true, want: "198.18.1.12/24", wantBridge: 1},
+	} {
+		got, br := nodeAddr(tc.node, tc.routed)
+		if got != netip.MustParsePrefix(tc.want) || br != tc.wantBridge {
+			t.Errorf("node %d routed=%v: %s on br%d, want %s on br%d", tc.node, tc.routed, got, br, tc.want, tc.wantBridge)
+		}
+		if !netip.MustParsePrefix("198.18.0.0/15").Contains(got.Addr()) {
+			t.Errorf("node address %s outside the underlay plan", got)
+		}
+	}
+}
+
+func TestMatrixCoversEveryKind(t *testing.T) {
+	l := &Lab{Opts: Options{Name: "a"}}
+	for i := 1; i <= 3; i++ {
+		a, _ := nodeAddr(i, false)
+		n := Node{Name: nodeName(i), NS: l.ns(nodeName(i)), Underlay: a}
+		for j := 1; j <= 2; j++ {
+			n.Pods = append(n.Pods, Pod{Name: podName(n.Name, j), IP: netip.AddrFrom4([4]byte{10, 244, byte(i), byte(1 + j)})})
+		}
+		l.Nodes = append(l.Nodes, n)
+	}
+	kinds := map[string]int{}
+	for _, r := range l.Matrix() {
+		kinds[r.Kind]++
+		if strings.HasPrefix(r.Kind, "pod->pod") {
+			src := r.From
+			if !r.WantSeen.IsValid() {
+				t.Errorf("%s %s->%s does not check the source address", r.Kind, src, r.To)
+			}
+		}
+	}
+	for _, k := range []string{"pod->pod same node", "pod->pod cross-node", "node->pod", "pod->node"} {
+		if kinds[k] == 0 {
+			t.Errorf("matrix has no %q row", k)
+		}
+	}
+}
