@@ -52,7 +52,12 @@ func TestDefaults(t *testing.T) {
 func TestNodeNameFromHostname(t *testing.T) {
 	h, err := os.Hostname()
 	if err != nil || !isDNSSubdomain(strings.ToLower(h)) {
-		t.Skipf("hostname %q (%v) is not usable as a node name here", h, err)
+		// A host whose name cannot be a node name must be told so.
+		_, perr := Parse(nil, env(nil))
+		if perr == nil || !strings.Contains(perr.Error(), "-node-name") {
+			t.Fatalf("hostname %q (%v): Parse error %v, want one pointing to -node-name", h, err, perr)
+		}
+		return
 	}
 	o, err := Parse(nil, env(nil))
 	if err != nil {

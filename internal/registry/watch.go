@@ -1,0 +1,228 @@
+package registry
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/loomnet/loom/internal/lease"
+)
+
+var (
+	// errCompacted ends a watch whose start revision is gone from etcd's
+	// history; only a fresh listing can say what changed in the gap.
+	errCompacted = errors.New("watch revision compacted")
+	// errStoreReset ends a watch when the store's revision is below the
+	// watch's: the store lost its data or was restored from a backup, and
+	// a fresh listing is again the only way to know what it holds.
+	errStoreReset = errors.New("store revision went backwards")
+)
+
+// Watch reports changes to the registry after fromRevision, given that the
+// caller's view at fromRevision is known (typically List's result). out
+// receives the events of each etcd watch response as one batch: Added for a
+// new lease or new attributes of a known one, Removed for a deleted or
+// expired one. A write that changes nothing a peer uses (a takeover by the
+// same node with the same attributes) is not reported.
+//
+// When the history Watch needs is compacted away, or the store turns out to
+// have lost its data (its revision went backwards, checked every 30 s), it
+// lists the registry again and reports the difference from what it knew,
+// so a removal in the gap still arrives as Removed. Broken watches are
+// re-opened with backoff.
+// Watch returns only when ctx is done, with ctx.Err(). out is called from
+// Watch's goroutine, never concurrently.
+func (r *Registry) Watch(ctx context.Context, fromRevision int64, known []lease.Lease, out func([]lease.Event)) error {
+	state := make(map[string]lease.Lease, len(known))
+	for _, l := range known {
+		state[l.Key()] = l
+	}
+	pos := position{rev: fromRevision, seen: fromRevision}
+	var retry backoff
+	relist := false
+	for {
+		if relist {
+			entries, lrev, err := r.list(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				d := retry.next()
+				r.log.Warn("re-listing subnet leases; retrying", "in", d, "err", err)
+				if sleep(ctx, d) != nil {
+					return ctx.Err()
+				}
+				continue
+			}
+			if evs := diff(state, entries); len(evs) > 0 {
+				out(evs)
+			}
+			pos, relist = position{rev: lrev, seen: lrev}, false
+		}
+
+		start := time.Now()
+		err := r.watchFrom(ctx, &pos, state, out)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if errors.Is(err, errCompacted) || errors.Is(err, errStoreReset) {
+			r.log.Info("re-listing subnet leases", "why", err, "revision", pos.rev)
+			relist = true
+			continue
+		}
+		if time.Since(start) > time.Minute {
+			retry.reset() // it worked for a while: this is a new failure
+		}
+		d := retry.next()
+		r.log.Warn("subnet watch broke; re-opening", "revision", pos.rev, "in", d, "err", err)
+		if sleep(ctx, d) != nil {
+			return ctx.Err()
+		}
+	}
+}
+
+// position is how far a Watch has come.
+type position struct {
+	rev  int64 // every event up to this revision is applied
+	seen int64 // the highest store revision observed: it never decreases in one history
+}
+
+// watchFrom runs one etcd watch from pos.rev+1, applying events to state
+// and advancing pos, until the watch ends. It returns errCompacted when the
+// start revision is no longer in etcd's history, and errStoreReset when the
+// store shows a revision below one it showed before.
+func (r *Registry) watchFrom(ctx context.Context, pos *position, state map[string]lease.Lease, out func([]lease.Event)) error {
+	// RequireLeader: a member cut off from its cluster closes the watch
+	// instead of leaving it silent, and the re-open finds a healthy member.
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	wch := r.cli.Watch(wctx, r.subnets, clientv3.WithPrefix(), clientv3.WithRev(pos.rev+1), clientv3.WithProgressNotify())
+	probe := time.NewTicker(r.probeEvery)
+	defer probe.Stop()
+	for {
+		var wresp clientv3.WatchResponse
+		var ok bool
+		select {
+		case <-probe.C:
+			// A store that lost its data resumes the watch silently (see
+			// probeEvery). This catches it unless the new store has already
+			// passed the highest revision seen of the old one.
+			cur, err := r.storeRevision(ctx)
+			if err != nil {
+				continue // the watch reports an unreachable store
+			}
+			if cur < pos.seen {
+				return fmt.Errorf("%w: at %d, had seen %d", errStoreReset, cur, pos.seen)
+			}
+			pos.seen = cur
+			continue
+		case wresp, ok = <-wch:
+		}
+		if !ok {
+			break
+		}
+		if wresp.CompactRevision != 0 {
+			return errCompacted
+		}
+		if err := wresp.Err(); err != nil {
+			return err
+		}
+		if wresp.Canceled {
+			return errors.New("watch canceled by the server")
+		}
+		now := time.Now()
+		var evs []lease.Event
+		for _, ev := range wresp.Events {
+			key := string(ev.Kv.Key)
+			pos.rev = ev.Kv.ModRevision
+			if ev.Type == clientv3.EventTypeDelete {
+				old, ok := state[r.leaseKey(key)]
+				if !ok {
+					v4, v6, err := r.parseKey(ev.Kv.Key)
+					if err != nil {
+						continue
+					}
+					old = lease.Lease{Subnet: v4, IPv6Subnet: v6}
+				}
+				delete(state, old.Key())
+				evs = append(evs, lease.Event{Type: lease.Removed, Lease: old})
+				continue
+			}
+			e, err := r.decode(ev.Kv, now)
+			if err != nil {
+				r.log.Warn("skipping registry entry", "key", key, "err", err)
+				// A known lease that no longer decodes is unusable to peers.
+				if old, ok := state[r.leaseKey(key)]; ok {
+					delete(state, old.Key())
+					evs = append(evs, lease.Event{Type: lease.Removed, Lease: old})
+				}
+				continue
+			}
+			old, ok := state[e.Key()]
+			state[e.Key()] = e.Lease
+			if !ok || !sameLease(old, e.Lease) {
+				evs = append(evs, lease.Event{Type: lease.Added, Lease: e.Lease})
+			}
+		}
+		if wresp.IsProgressNotify() {
+			pos.rev = max(pos.rev, wresp.Header.Revision)
+		}
+		pos.seen = max(pos.seen, pos.rev, wresp.Header.Revision)
+		if len(evs) > 0 {
+			out(evs)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return errors.New("watch channel closed")
+}
+
+// leaseKey is the state-map key (lease.Lease.Key form) for an etcd key, or
+// "" if it is not a subnet key.
+func (r *Registry) leaseKey(key string) string {
+	v4, v6, err := r.parseKey([]byte(key))
+	if err != nil {
+		return ""
+	}
+	return lease.MakeKey(v4, v6)
+}
+
+// diff replaces state with a fresh listing and returns what changed:
+// removals first, so a subnet that moved is withdrawn before it reappears.
+func diff(state map[string]lease.Lease, entries []entry) []lease.Event {
+	fresh := make(map[string]lease.Lease, len(entries))
+	for _, e := range entries {
+		fresh[e.Key()] = e.Lease
+	}
+	var evs []lease.Event
+	for k, old := range state {
+		if _, ok := fresh[k]; !ok {
+			evs = append(evs, lease.Event{Type: lease.Removed, Lease: old})
+			delete(state, k)
+		}
+	}
+	for _, e := range entries {
+		old, ok := state[e.Key()]
+		if !ok || !sameLease(old, e.Lease) {
+			evs = append(evs, lease.Event{Type: lease.Added, Lease: e.Lease})
+		}
+		state[e.Key()] = e.Lease
+	}
+	return evs
+}
+
+// sameLease reports whether a and b look the same to a peer.
+func sameLease(a, b lease.Lease) bool {
+	return a.Subnet == b.Subnet && a.IPv6Subnet == b.IPv6Subnet && a.Reserved() == b.Reserved() && sameAttrs(a.Attrs, b.Attrs)
+}
+
+func sameAttrs(a, b lease.Attrs) bool {
+	samePtr := (a.PublicIPv6 == nil) == (b.PublicIPv6 == nil) && (a.PublicIPv6 == nil || *a.PublicIPv6 == *b.PublicIPv6)
+	return a.PublicIP == b.PublicIP && samePtr && a.BackendType == b.BackendType && a.NodeName == b.NodeName &&
+		bytes.Equal(a.BackendData, b.BackendData) && bytes.Equal(a.BackendV6Data, b.BackendV6Data)
+}
