@@ -392,4 +392,3 @@ func TestAllocateAcrossProcesses(t *testing.T) {
 		}
 	}
 }
-
