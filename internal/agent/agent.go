@@ -216,7 +216,6 @@ type agent struct {
 	mu  sync.Mutex  // guards own
 	own lease.Lease // the lease this node holds
 
-	leases      atomic.Int64 // peers known from the registry, for metrics
 	subnetWrote atomic.Bool
 }
 
