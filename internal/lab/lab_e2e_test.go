@@ -388,3 +388,32 @@ func TestTwentyAgentsDistinctSubnets(t *testing.T) {
 		t.Fatalf("registry holds %d leases, want 20", got.Count)
 	}
 }
+
+// With nodes on two underlay subnets, host-gw routes between the nodes that
+// share a segment, installs no route to the others, and says why in the
+// agent log, naming the peer and the fix.
+func TestRoutedUnderlayHostGWNotOnLink(t *testing.T) {
+	l := upLab(t, Options{Name: "trtd", Nodes: 3, Pods: 1, Underlay: "routed"})
+	rows := l.Matrix()
+	refused := 0
+	for _, r := range rows {
+		if r.WantFail {
+			refused++
+		}
+	}
+	if refused == 0 {
+		t.Fatal("routed host-gw matrix has no row for the other segment")
+	}
+	mustCheck(t, l, rows)
+	data, err := os.ReadFile(filepath.Join(l.NodeDir("n1"), "agent.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n2, _ := l.Node("n2")
+	log := string(data)
+	for _, want := range []string{"not on-link", "node=n2", n2.Underlay.Addr().String(), "use the vxlan backend"} {
+		if !strings.Contains(log, want) {
+			t.Errorf("n1's agent log does not mention %q:\n%s", want, lastLines(data, 20))
+		}
+	}
+}

@@ -1,0 +1,66 @@
+package agent
+
+import (
+	"context"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/loomnet/loom/internal/iface"
+	"github.com/loomnet/loom/internal/netconf"
+	"github.com/loomnet/loom/internal/options"
+)
+
+// Address plan: pods 10.244.0.0/16 and fc00::/48.
+
+func TestGatewayIsSubnetEnvForm(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{in: "10.244.1.0/24", want: "10.244.1.1/24"},
+		{in: "10.244.0.128/25", want: "10.244.0.129/25"},
+		{in: "fc00:0:0:1::/64", want: "fc00:0:0:1::1/64"},
+	} {
+		if got := gateway(netip.MustParsePrefix(tc.in)); got.String() != tc.want {
+			t.Errorf("gateway(%s) = %s, want %s", tc.in, got, tc.want)
+		}
+	}
+	if got := gateway(netip.Prefix{}); got.IsValid() {
+		t.Errorf("gateway of no subnet = %s, want none", got)
+	}
+}
+
+func TestNetworkConfigFromFile(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "net-conf.json")
+	if err := os.WriteFile(good, []byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := networkConfig(context.Background(), options.Options{NetConfigPath: good, NetConfigPathSet: true}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Network != netip.MustParsePrefix("10.244.0.0/16") || cfg.Backend.Type != netconf.BackendHostGW || cfg.SubnetLen != 24 {
+		t.Fatalf("parsed %+v", cfg)
+	}
+
+	bad := filepath.Join(dir, "bad.json")
+	if err := os.WriteFile(bad, []byte(`{"Network":"10.244.0.0/16","SubnetLen":16}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err = networkConfig(context.Background(), options.Options{NetConfigPath: bad, NetConfigPathSet: true}, nil, nil)
+	if err == nil || !strings.Contains(err.Error(), bad) || !strings.Contains(err.Error(), "SubnetLen 16") {
+		t.Fatalf("error %v, want one naming the file and the field", err)
+	}
+}
+
+func TestBackendNotYetAvailable(t *testing.T) {
+	cfg, err := netconf.Parse([]byte(`{"Network":"10.244.0.0/16"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = newBackend(cfg, iface.Iface{Name: "eth0", Index: 1, MTU: 1500}, options.Options{}, nil, nil)
+	if err == nil || !strings.Contains(err.Error(), `"vxlan"`) || !strings.Contains(err.Error(), `"host-gw"`) {
+		t.Fatalf("error %v, want one naming vxlan and the host-gw fix", err)
+	}
+}
