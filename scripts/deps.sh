@@ -5,6 +5,9 @@ set -euo pipefail
 
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 
 if ((${#need[@]} == 0)); then
 	exit 0
