@@ -71,13 +71,18 @@ func (l *Lab) AgentArgs(node string) []string {
 	}
 }
 
-// StartAgent starts node's agent (again).
-func (l *Lab) StartAgent(node string) error {
+// StartAgent starts node's agent (again) with the lab's usual flags.
+func (l *Lab) StartAgent(node string) error { return l.StartAgentWith(node) }
+
+// StartAgentWith starts node's agent with extra flags after the lab's usual
+// ones (a later flag wins), e.g. "--iface", "nat0" to reproduce a fault.
+func (l *Lab) StartAgentWith(node string, extra ...string) error {
 	n, err := l.Node(node)
 	if err != nil {
 		return err
 	}
-	return l.record("agent-"+node, n.NS, filepath.Join(l.nodeDir(node), "agent.log"), l.AgentArgs(node)...)
+	args := append(l.AgentArgs(node), extra...)
+	return l.record("agent-"+node, n.NS, filepath.Join(l.nodeDir(node), "agent.log"), args...)
 }
 
 func (l *Lab) record(what, ns, logPath string, args ...string) error {
