@@ -82,3 +82,24 @@ func TestMatrixCoversEveryKind(t *testing.T) {
 		}
 	}
 }
+
+func TestOverrideFlags(t *testing.T) {
+	args := []string{"agent", "--node-name", "n1", "--iface", "eth0", "--ip-masq", "--subnet-file", "/x"}
+	for _, tc := range []struct {
+		name      string
+		overrides []string
+		want      string
+	}{
+		{name: "replace value", overrides: []string{"--iface", "nat0"}, want: "agent --node-name n1 --iface nat0 --ip-masq --subnet-file /x"},
+		{name: "drop flag", overrides: []string{"--iface", ""}, want: "agent --node-name n1 --ip-masq --subnet-file /x"},
+		{name: "bool off", overrides: []string{"--ip-masq", "false"}, want: "agent --node-name n1 --iface eth0 --ip-masq=false --subnet-file /x"},
+		{name: "drop bool", overrides: []string{"--ip-masq", ""}, want: "agent --node-name n1 --iface eth0 --subnet-file /x"},
+		{name: "add", overrides: []string{"--public-ip", "198.18.0.99"}, want: "agent --node-name n1 --iface eth0 --ip-masq --subnet-file /x --public-ip 198.18.0.99"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := strings.Join(overrideFlags(args, tc.overrides), " "); got != tc.want {
+				t.Fatalf("got  %s\nwant %s", got, tc.want)
+			}
+		})
+	}
+}

@@ -74,14 +74,18 @@ func (l *Lab) AgentArgs(node string) []string {
 // StartAgent starts node's agent (again) with the lab's usual flags.
 func (l *Lab) StartAgent(node string) error { return l.StartAgentWith(node) }
 
-// StartAgentWith starts node's agent with extra flags after the lab's usual
-// ones (a later flag wins), e.g. "--iface", "nat0" to reproduce a fault.
-func (l *Lab) StartAgentWith(node string, extra ...string) error {
+// StartAgentWith starts node's agent with flags given as "--flag", "value"
+// pairs replacing the lab's flag of the same name (or added), e.g.
+// "--iface", "nat0" to reproduce a fault. A pair with value "" removes it.
+func (l *Lab) StartAgentWith(node string, overrides ...string) error {
 	n, err := l.Node(node)
 	if err != nil {
 		return err
 	}
-	args := append(l.AgentArgs(node), extra...)
+	if len(overrides)%2 != 0 {
+		return fmt.Errorf("agent flag overrides %v: want --flag value pairs", overrides)
+	}
+	args := overrideFlags(l.AgentArgs(node), overrides)
 	return l.record("agent-"+node, n.NS, filepath.Join(l.nodeDir(node), "agent.log"), args...)
 }
 
@@ -334,4 +338,38 @@ func (l *Lab) missingRoutes() ([]string, error) {
 		}
 	}
 	return missing, nil
+}
+
+// overrideFlags applies "--flag", "value" pairs to args ("agent" followed
+// by flags): a flag already there gets the new value, or is dropped when
+// the new value is ""; a new flag is appended. A lone boolean flag such as
+// --ip-masq becomes --ip-masq=VALUE.
+func overrideFlags(args, overrides []string) []string {
+	out := append([]string(nil), args...)
+	for i := 0; i < len(overrides); i += 2 {
+		name, val := overrides[i], overrides[i+1]
+		found := false
+		for j := 0; j < len(out); j++ {
+			if out[j] != name {
+				continue
+			}
+			found = true
+			lone := j+1 >= len(out) || strings.HasPrefix(out[j+1], "--")
+			switch {
+			case val == "" && lone:
+				out = append(out[:j], out[j+1:]...)
+			case val == "":
+				out = append(out[:j], out[j+2:]...)
+			case lone:
+				out[j] = name + "=" + val
+			default:
+				out[j+1] = val
+			}
+			break
+		}
+		if !found && val != "" {
+			out = append(out, name, val)
+		}
+	}
+	return out
 }
