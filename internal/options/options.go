@@ -73,6 +73,8 @@ type Options struct {
 	StateDir string        // -state-dir
 	Resync   time.Duration // -resync: period of the full data-path reconcile
 	LogLevel slog.Level
+	Firewall string // -firewall: "", auto, nftables or iptables ("" = decided by the network config)
+	Cleanup  bool   // -cleanup: remove loom's firewall rules and exit
 }
 
 // Flag names, spelled once: they are also the environment variable names.
@@ -108,6 +110,8 @@ const (
 	flagEtcdDialTimeout    = "etcd-dial-timeout"
 	flagEtcdRequestTimeout = "etcd-request-timeout"
 	flagLogLevel           = "log-level"
+	flagFirewall           = "firewall"
+	flagCleanup            = "cleanup"
 )
 
 // Environment variable prefixes. flanneld reads FLANNELD_<FLAG>; loom's own
@@ -168,6 +172,8 @@ func defs() []def {
 		{name: flagEtcdDialTimeout, loom: true, value: "5s", usage: "give up connecting to etcd after this `duration`"},
 		{name: flagEtcdRequestTimeout, loom: true, value: "5s", usage: "give up on an etcd request after this `duration`"},
 		{name: flagLogLevel, loom: true, value: "info", usage: "log `level`: debug, info, warn or error"},
+		{name: flagFirewall, loom: true, usage: "firewall `mode`: auto, nftables or iptables (default: nftables when the network config sets EnableNFTables, else auto)"},
+		{name: flagCleanup, loom: true, bool: true, usage: "remove the masquerade and forward rules loom installed, then exit"},
 	}
 }
 
@@ -378,6 +384,8 @@ func (c *converter) options(getenv func(string) string) Options {
 		StateDir: c.absPath(flagStateDir),
 		Resync:   c.duration(flagResync),
 		LogLevel: c.logLevel(flagLogLevel),
+		Firewall: c.oneOf(flagFirewall, "", "auto", "nftables", "iptables"),
+		Cleanup:  c.boolean(flagCleanup),
 	}
 	if o.EtcdCertFile != "" && o.EtcdKeyFile == "" {
 		c.fail("-%s set without -%s: give the client key that goes with the certificate", flagEtcdCertFile, flagEtcdKeyFile)
@@ -546,6 +554,24 @@ func (c *converter) absPath(name string) string {
 		c.fail("%s %q is not an absolute path: start it with /", from, s)
 	}
 	return filepath.Clean(s)
+}
+
+// oneOf accepts one of the given values ("" among them means unset is fine).
+func (c *converter) oneOf(name string, values ...string) string {
+	s, from := c.get(name)
+	for _, v := range values {
+		if s == v {
+			return s
+		}
+	}
+	var shown []string
+	for _, v := range values {
+		if v != "" {
+			shown = append(shown, v)
+		}
+	}
+	c.fail("%s %q is not valid: use one of %s", from, s, strings.Join(shown, ", "))
+	return ""
 }
 
 func (c *converter) logLevel(name string) slog.Level {

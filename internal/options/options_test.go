@@ -255,6 +255,11 @@ func TestErrors(t *testing.T) {
 		want string
 	}{
 		{
+			name: "unknown firewall mode",
+			args: []string{"--firewall=ipfw"},
+			want: `-firewall "ipfw" is not valid: use one of auto, nftables, iptables`,
+		},
+		{
 			name: "public ip too short",
 			args: []string{"-public-ip=198.18.0"},
 			want: `-public-ip "198.18.0" is not an IP address`,
