@@ -32,6 +32,7 @@ import (
 
 	"github.com/loomnet/loom/internal/backend"
 	"github.com/loomnet/loom/internal/backend/hostgw"
+	"github.com/loomnet/loom/internal/firewall"
 	"github.com/loomnet/loom/internal/health"
 	"github.com/loomnet/loom/internal/iface"
 	"github.com/loomnet/loom/internal/lease"
@@ -68,6 +69,13 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	if opts.Cleanup {
+		if err := firewall.Cleanup(ctx, firewall.Config{Mode: firewall.ModeAuto, Logger: log}); err != nil {
+			return fmt.Errorf("-cleanup: %w", err)
+		}
+		log.Info("removed loom's masquerade and forward rules")
+		return nil
+	}
 
 	reg, err := registry.New(ctx, registry.Config{
 		Endpoints:      opts.EtcdEndpoints,
@@ -117,7 +125,20 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		return err
 	}
 
-	a := &agent{opts: opts, cfg: cfg, log: log, be: be, mtu: mtu}
+	fw, err := firewall.New(firewall.Config{
+		Mode:         firewallMode(opts, cfg),
+		IPMasq:       opts.IPMasq,
+		ForwardRules: opts.IPTablesForwardRules,
+		Resync:       opts.IPTablesResync,
+		Logger:       log,
+		Metrics:      metrics,
+	})
+	if err != nil {
+		return err
+	}
+	log.Info("firewall", "mode", fw.Mode(), "ip-masq", opts.IPMasq, "forward-rules", opts.IPTablesForwardRules)
+
+	a := &agent{opts: opts, cfg: cfg, log: log, be: be, fw: fw, mtu: mtu}
 	a.registerMetrics(metrics)
 	req := registry.Request{
 		NodeName: opts.NodeName,
@@ -173,6 +194,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		checks.Add("lease", func(context.Context) error { return a.leaseReady() })
 		checks.Add("subnet.env", func(context.Context) error { return a.subnetFileReady() })
 		checks.Add("datapath", health.Ready(be.Ready, "peer routes not programmed yet"))
+		checks.Add("firewall", health.Ready(fw.Ready, "masquerade and forward rules not in place yet"))
 		hcfg := health.Config{Checks: checks, Metrics: metrics, Logger: log}
 		wg.Go(func() {
 			if err := health.Serve(ctx, addr.String(), hcfg); err != nil && ctx.Err() == nil {
@@ -186,6 +208,11 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	if err != nil {
 		return nil
 	}
+	wg.Go(func() {
+		if err := fw.Run(ctx); err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("firewall: %w", err)
+		}
+	})
 	wg.Go(func() {
 		if err := be.Run(ctx); err != nil && ctx.Err() == nil {
 			errc <- fmt.Errorf("data path: %w", err)
@@ -211,6 +238,7 @@ type agent struct {
 	cfg  netconf.Config
 	log  *slog.Logger
 	be   backend.Network
+	fw   *firewall.Firewall
 	mtu  int
 
 	mu  sync.Mutex  // guards own
@@ -226,6 +254,7 @@ func (a *agent) setLease(l lease.Lease) error {
 	a.own = l
 	a.mu.Unlock()
 	a.be.SetLocal(l)
+	a.fw.Set(firewall.Addrs{Network: a.cfg.Network, Subnet: l.Subnet, IPv6Network: a.cfg.IPv6Network, IPv6Subnet: l.IPv6Subnet})
 	env := subnetenv.Env{MTU: a.mtu, IPMasq: a.opts.IPMasq}
 	if a.cfg.EnableIPv4 {
 		env.Network = a.cfg.Network
@@ -387,6 +416,18 @@ func newBackend(cfg netconf.Config, ifc iface.Iface, opts options.Options, log *
 		return n, ifc.MTU, err
 	}
 	return nil, 0, fmt.Errorf("Backend.Type %q is not available in this version of loom yet (vxlan and udp arrive with issue #3): set \"Backend\": {\"Type\": \"host-gw\"} in the network config", cfg.Backend.Type)
+}
+
+// firewallMode is -firewall when given, else nftables when the network
+// config sets EnableNFTables (flannel's key), else auto.
+func firewallMode(opts options.Options, cfg netconf.Config) firewall.Mode {
+	switch {
+	case opts.Firewall != "":
+		return firewall.Mode(opts.Firewall)
+	case cfg.EnableNFTables:
+		return firewall.ModeNFTables
+	}
+	return firewall.ModeAuto
 }
 
 // enableForwarding turns on IP forwarding for the enabled families: a node

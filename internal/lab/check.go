@@ -76,6 +76,12 @@ func (l *Lab) Matrix() []Row {
 				rows = append(rows, Row{Kind: "node->pod", From: n.Name, To: q.Name, Proto: "tcp", Target: netip.AddrPortFrom(q.IP, port)})
 			}
 		}
+		// The "internet" sees the node's address (masquerade), and cannot
+		// open a connection to a pod (it has no route to pod networks).
+		rows = append(rows,
+			Row{Kind: "pod->internet", From: p.Name, To: "ext", Proto: "tcp", Target: netip.AddrPortFrom(extHost.Addr(), port), WantSeen: n.Underlay.Addr()},
+			Row{Kind: "internet->pod", From: "ext", To: p.Name, Proto: "tcp", Target: netip.AddrPortFrom(p.IP, port), WantFail: true},
+		)
 		if other, ok := l.firstOffSegment(n); ok && len(other.Pods) >= 1 && l.Opts.Backend == "host-gw" {
 			q := other.Pods[0]
 			rows = append(rows, Row{Kind: "pod->pod other segment (host-gw: not on-link)", From: p.Name, To: q.Name, Proto: "tcp",

@@ -61,9 +61,9 @@ type Options struct {
 	Name      string
 	Nodes     int
 	Pods      int
-	Backend   string // host-gw (vxlan and udp arrive with issue #3)
+	Backend   string // vxlan (default), udp or host-gw
 	Underlay  string // flat | routed
-	Firewall  string // auto | nftables | iptables
+	Firewall  string // auto | nftables | iptables, passed to every agent
 	Store     string // embedded | cluster
 	Datastore string // etcd | kube
 	// BinDir holds the loom and loom-cni binaries. Default: the directory
@@ -93,11 +93,11 @@ func (o *Options) Validate() error {
 		o.Backend = "host-gw"
 	}
 	switch o.Backend {
-	case "host-gw":
-	case "vxlan", "udp", "wireguard":
-		return fmt.Errorf("--backend %s: not yet (issue #3 brings it); use --backend host-gw", o.Backend)
+	case "host-gw", "vxlan", "udp":
+	case "wireguard":
+		return fmt.Errorf("--backend %s: not yet (encryption comes after phase 1); use vxlan, udp or host-gw", o.Backend)
 	default:
-		return fmt.Errorf("--backend %q: unknown; use host-gw", o.Backend)
+		return fmt.Errorf("--backend %q: unknown; use vxlan, udp or host-gw", o.Backend)
 	}
 	if o.Underlay == "" {
 		o.Underlay = "flat"
@@ -108,8 +108,10 @@ func (o *Options) Validate() error {
 	if o.Firewall == "" {
 		o.Firewall = "auto"
 	}
-	if o.Firewall != "auto" {
-		return fmt.Errorf("--firewall %s: not yet (issue #4 brings firewall modes); leave it at auto", o.Firewall)
+	switch o.Firewall {
+	case "auto", "nftables", "iptables":
+	default:
+		return fmt.Errorf("--firewall %q: use auto, nftables or iptables", o.Firewall)
 	}
 	if o.Store == "" {
 		o.Store = "embedded"

@@ -286,7 +286,7 @@ func TestLeasesDeletedNodesReclaimSubnets(t *testing.T) {
 
 // A route someone deletes by hand comes back within one resync (5 s).
 func TestDeletedRouteComesBack(t *testing.T) {
-	l := upLab(t, Options{Name: "troute", Nodes: 2, Pods: 1})
+	l := upLab(t, Options{Name: "troute", Nodes: 2, Pods: 1, Backend: "host-gw"})
 	s := subnets(t, l)
 	n1, _ := l.Node("n1")
 	h, err := openHandle(n1.NS)
@@ -393,7 +393,7 @@ func TestTwentyAgentsDistinctSubnets(t *testing.T) {
 // share a segment, installs no route to the others, and says why in the
 // agent log, naming the peer and the fix.
 func TestRoutedUnderlayHostGWNotOnLink(t *testing.T) {
-	l := upLab(t, Options{Name: "trtd", Nodes: 3, Pods: 1, Underlay: "routed"})
+	l := upLab(t, Options{Name: "trtd", Nodes: 3, Pods: 1, Underlay: "routed", Backend: "host-gw"})
 	rows := l.Matrix()
 	refused := 0
 	for _, r := range rows {

@@ -18,8 +18,9 @@ func TestOptionsValidate(t *testing.T) {
 		{name: "defaults", opts: Options{}, want: "binary loom not found"},
 		{name: "bad name", opts: Options{Name: "Lab_1"}, want: `--name "Lab_1"`},
 		{name: "too many nodes", opts: Options{Nodes: 500}, want: "--nodes 500"},
-		{name: "vxlan not yet", opts: Options{Backend: "vxlan"}, want: "--backend vxlan: not yet"},
+		{name: "wireguard not yet", opts: Options{Backend: "wireguard"}, want: "--backend wireguard: not yet"},
 		{name: "unknown backend", opts: Options{Backend: "ipip"}, want: `--backend "ipip": unknown`},
+		{name: "unknown firewall", opts: Options{Firewall: "pf"}, want: `--firewall "pf"`},
 		{name: "bad underlay", opts: Options{Underlay: "mesh"}, want: `--underlay "mesh"`},
 		{name: "kube not yet", opts: Options{Datastore: "kube"}, want: "--datastore kube: not yet"},
 	} {
@@ -76,7 +77,7 @@ func TestMatrixCoversEveryKind(t *testing.T) {
 			}
 		}
 	}
-	for _, k := range []string{"pod->pod same node", "pod->pod cross-node", "node->pod", "pod->node"} {
+	for _, k := range []string{"pod->pod same node", "pod->pod cross-node", "node->pod", "pod->node", "pod->internet", "internet->pod"} {
 		if kinds[k] == 0 {
 			t.Errorf("matrix has no %q row", k)
 		}

@@ -68,6 +68,7 @@ func (l *Lab) AgentArgs(node string) []string {
 		"--state-dir", l.nodeDir(node),
 		"--healthz-ip", "127.0.0.1",
 		"--healthz-port", strconv.Itoa(healthzPort),
+		"--firewall", l.Opts.Firewall,
 	}
 }
 
@@ -168,7 +169,9 @@ func (l *Lab) WaitReady(ctx context.Context, node string) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("agent of %s not ready (%s); see %s", node, last, filepath.Join(l.nodeDir(node), "agent.log"))
+			logPath := filepath.Join(l.nodeDir(node), "agent.log")
+			data, _ := os.ReadFile(logPath)
+			return fmt.Errorf("agent of %s not ready (%s); last lines of %s:\n%s", node, last, logPath, lastLines(data, 5))
 		case <-time.After(200 * time.Millisecond):
 		}
 	}

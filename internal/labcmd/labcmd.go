@@ -20,8 +20,8 @@ import (
 
 const usage = `usage: loom lab COMMAND [flags]
 
-  up      [--name a] [--nodes 3] [--pods 2] [--backend host-gw] [--underlay flat|routed]
-          [--firewall auto] [--store embedded] [--datastore etcd] [--bin-dir DIR]
+  up      [--name a] [--nodes 3] [--pods 2] [--backend vxlan|udp|host-gw] [--underlay flat|routed]
+          [--firewall auto|nftables|iptables] [--store embedded] [--datastore etcd] [--bin-dir DIR]
   status  [--name a]
   check   [--name a]      print the connectivity matrix; exit 0 only when all is as expected
   exec    [--name a] rt|ext|n1|n1-p1 -- CMD ARGS...
@@ -44,9 +44,9 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		var o lab.Options
 		fs.IntVar(&o.Nodes, "nodes", 3, "number of nodes")
 		fs.IntVar(&o.Pods, "pods", 2, "pods per node")
-		fs.StringVar(&o.Backend, "backend", "host-gw", "backend: host-gw")
+		fs.StringVar(&o.Backend, "backend", "host-gw", "backend: vxlan, udp or host-gw")
 		fs.StringVar(&o.Underlay, "underlay", "flat", "underlay: flat (one subnet) or routed (two subnets behind the router)")
-		fs.StringVar(&o.Firewall, "firewall", "auto", "firewall mode")
+		fs.StringVar(&o.Firewall, "firewall", "auto", "firewall mode of the agents: auto, nftables or iptables")
 		fs.StringVar(&o.Store, "store", "embedded", "store: embedded")
 		fs.StringVar(&o.Datastore, "datastore", "etcd", "datastore: etcd")
 		fs.StringVar(&o.BinDir, "bin-dir", "", "directory holding loom and loom-cni (default: this binary's)")
