@@ -23,6 +23,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -114,12 +116,27 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	if err := cfg.CheckUnderlay(ifc.Prefixes); err != nil {
 		return err
 	}
-	if err := enableForwarding(cfg); err != nil {
-		return err
-	}
-
 	metrics := prometheus.NewRegistry()
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// Which interface carries the overlay, and why, is the first thing to
+	// look at when nodes cannot reach each other (the Vagrant trap).
+	metrics.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name:        "loom_underlay_info",
+		Help:        "The underlay interface the agent chose, its public address and why it was chosen.",
+		ConstLabels: prometheus.Labels{"iface": ifc.Name, "public_ip": addrLabel(ifc.PublicIP), "public_ipv6": addrLabel(ifc.PublicV6), "chosen_by": ifc.How},
+	}, func() float64 { return 1 }))
+	sysctls, err := enableForwarding(cfg)
+	if err != nil {
+		return err
+	}
+	log.Info("enabled IP forwarding", "sysctls", sysctls)
+	for _, key := range sysctls {
+		metrics.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name:        "loom_sysctl_value",
+			Help:        "Current value of a sysctl the agent sets (1 = on); read at scrape time.",
+			ConstLabels: prometheus.Labels{"key": key},
+		}, func() float64 { return readSysctl(key) }))
+	}
 	be, mtu, err := newBackend(cfg, ifc, opts, log, metrics)
 	if err != nil {
 		return err
@@ -432,8 +449,8 @@ func firewallMode(opts options.Options, cfg netconf.Config) firewall.Mode {
 
 // enableForwarding turns on IP forwarding for the enabled families: a node
 // routes between its pods and its peers. A fresh host or network namespace
-// has it off, and then nothing crosses nodes.
-func enableForwarding(cfg netconf.Config) error {
+// has it off, and then nothing crosses nodes. It returns the keys it set.
+func enableForwarding(cfg netconf.Config) ([]string, error) {
 	var keys []string
 	if cfg.EnableIPv4 {
 		keys = append(keys, "net/ipv4/ip_forward")
@@ -443,8 +460,28 @@ func enableForwarding(cfg netconf.Config) error {
 	}
 	for _, k := range keys {
 		if err := os.WriteFile(filepath.Join("/proc/sys", k), []byte("1"), 0o644); err != nil {
-			return fmt.Errorf("enable forwarding (%s): %w", k, err)
+			return nil, fmt.Errorf("enable forwarding (%s): %w", k, err)
 		}
 	}
-	return nil
+	return keys, nil
+}
+
+// readSysctl returns a numeric sysctl, or -1 when it cannot be read.
+func readSysctl(key string) float64 {
+	data, err := os.ReadFile(filepath.Join("/proc/sys", key))
+	if err != nil {
+		return -1
+	}
+	v, err := strconv.ParseFloat(strings.TrimSpace(string(data)), 64)
+	if err != nil {
+		return -1
+	}
+	return v
+}
+
+func addrLabel(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
 }

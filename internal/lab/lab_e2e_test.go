@@ -9,7 +9,9 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
+	"net/http"
 	"net"
 	"net/netip"
 	"os"
@@ -169,6 +171,19 @@ func TestLabUpCheckDown(t *testing.T) {
 		t.Fatalf("matrix has %d rows, want every kind for 3 nodes", len(rows))
 	}
 	mustCheck(t, l, rows)
+
+	// The agent says which interface it chose and why, and that it turned
+	// forwarding on, on /metrics.
+	metrics := httpGet(t, l, "n1", "/metrics")
+	for _, want := range []string{
+		`loom_underlay_info{chosen_by="-iface eth0",iface="eth0",public_ip="198.18.0.11",public_ipv6=""} 1`,
+		`loom_sysctl_value{key="net/ipv4/ip_forward"} 1`,
+		`loom_lease_held 1`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("n1's /metrics lacks %s", want)
+		}
+	}
 
 	seen := map[netip.Prefix]string{}
 	for node, s := range subnets(t, l) {
@@ -416,4 +431,24 @@ func TestRoutedUnderlayHostGWNotOnLink(t *testing.T) {
 			t.Errorf("n1's agent log does not mention %q:\n%s", want, lastLines(data, 20))
 		}
 	}
+}
+
+// httpGet fetches a path from a node agent's health server.
+func httpGet(t *testing.T, l *Lab, node, path string) string {
+	t.Helper()
+	n, err := l.Node(node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := &http.Client{Transport: &http.Transport{DialContext: netns.Dialer{NS: n.NS}.DialContext}, Timeout: 5 * time.Second}
+	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d%s", healthzPort, path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(body)
 }
