@@ -662,6 +662,14 @@ func TestErrors(t *testing.T) {
 			t.Fatalf("code %d %q, want 7 naming mtu", te.Code, te.Msg)
 		}
 	})
+	t.Run("mtu above FLANNEL_MTU is refused", func(t *testing.T) {
+		big := n.parseList(t, fmt.Appendf(nil, `{"cniVersion":"1.1.0","name":%q,"plugins":[{"type":"loom-cni","subnetFile":%q,"dataDir":%q,"mtu":9000}]}`,
+			netName, n.subnetFile, n.dataDir))
+		_, err := n.add(big, p)
+		if te := cniCode(t, err); te.Code != types.ErrInvalidNetworkConfig || !strings.Contains(te.Msg, "9000 is larger than FLANNEL_MTU") {
+			t.Fatalf("code %d %q, want 7 saying 9000 is larger than FLANNEL_MTU", te.Code, te.Msg)
+		}
+	})
 	t.Run("bad netns", func(t *testing.T) {
 		rt := &libcni.RuntimeConf{ContainerID: "c2", NetNS: "/run/netns/" + testnet.Prefix + "never-existed", IfName: "eth0"}
 		err := n.in(func() error { _, err := n.rt.AddNetworkList(context.Background(), l, rt); return err })

@@ -468,6 +468,12 @@ func readPlan(c *Config) (plan, error) {
 	if err != nil {
 		return plan{}, types.NewError(types.ErrPluginNotAvailable, "unusable subnet.env: "+err.Error(), "loom agent rewrites the file; check that it runs and that nothing else writes there")
 	}
+	// A pod MTU above what the node's overlay carries would make every
+	// full-size packet vanish (or fragment) on the way out: refuse it
+	// loudly instead of configuring it silently.
+	if c.MTU > env.MTU {
+		return plan{}, invalidConf("mtu", fmt.Sprintf("%d is larger than FLANNEL_MTU=%d in %s, the most the node's overlay path carries: leave mtu out, or set it to %d or less", c.MTU, env.MTU, c.SubnetFile, env.MTU))
+	}
 	p, err := newPlan(c, env)
 	if err != nil {
 		return plan{}, types.NewError(types.ErrPluginNotAvailable, fmt.Sprintf("unusable %s: %v", c.SubnetFile, err), "")
