@@ -23,6 +23,7 @@ commands:
   agent     run the node agent (flanneld's flags are accepted)
   store     run an embedded etcd server for loom
   lab       build and drive a multi-node cluster on this machine
+  doctor    diagnose this node: every misconfiguration with evidence and fix (read-only)
   version   print the version
 `
 
@@ -32,6 +33,9 @@ func main() {
 	stop()
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)
+	}
+	if ee, ok := errors.AsType[exitError](err); ok {
+		os.Exit(ee.ExitCode()) // doctor: 1 warnings, 2 failures; its report says why
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "loom:", err)
@@ -52,6 +56,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runStore(ctx, rest, stderr)
 	case "lab":
 		return labcmd.Main(ctx, rest, stdout, stderr)
+	case "doctor":
+		return runDoctor(ctx, rest, stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, version.String())
 		return nil

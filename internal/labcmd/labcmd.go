@@ -25,6 +25,9 @@ const usage = `usage: loom lab COMMAND [flags]
   status  [--name a]
   check   [--name a]      print the connectivity matrix; exit 0 only when all is as expected
   exec    [--name a] rt|ext|n1|n1-p1 -- CMD ARGS...
+  doctor  [--name a] NODE [doctor flags]   loom doctor inside NODE, with its agent's flags
+  break   [--name a] SCENARIO   inject a fault for doctor (without SCENARIO: list them)
+  heal    [--name a]            undo the fault and restart what it touched
   down    [--name a] [--all]
 `
 
@@ -85,6 +88,39 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		return execIn(*name, fs.Args())
+	case "doctor":
+		if err := fs.Parse(rest); err != nil {
+			return err
+		}
+		if fs.NArg() < 1 {
+			return errors.New("lab doctor: want NODE (e.g. loom lab doctor n1), then doctor flags")
+		}
+		l, err := lab.Load(*name)
+		if err != nil {
+			return err
+		}
+		return l.ExecDoctor(fs.Arg(0), fs.Args()[1:]...)
+	case "break":
+		if err := fs.Parse(rest); err != nil {
+			return err
+		}
+		if fs.NArg() != 1 {
+			return fmt.Errorf("lab break: want one SCENARIO:\n%s", lab.ScenarioHelp())
+		}
+		l, err := lab.Load(*name)
+		if err != nil {
+			return err
+		}
+		return l.Break(ctx, fs.Arg(0))
+	case "heal":
+		if err := parse(fs, rest); err != nil {
+			return err
+		}
+		l, err := lab.Load(*name)
+		if err != nil {
+			return err
+		}
+		return l.Heal(ctx)
 	case "down":
 		all := fs.Bool("all", false, "remove every lab and every leftover test namespace")
 		if err := parse(fs, rest); err != nil {
