@@ -15,6 +15,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -34,6 +35,8 @@ import (
 
 	"github.com/loomnet/loom/internal/backend"
 	"github.com/loomnet/loom/internal/backend/hostgw"
+	"github.com/loomnet/loom/internal/backend/udp"
+	"github.com/loomnet/loom/internal/backend/vxlan"
 	"github.com/loomnet/loom/internal/firewall"
 	"github.com/loomnet/loom/internal/health"
 	"github.com/loomnet/loom/internal/iface"
@@ -137,10 +140,11 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 			ConstLabels: prometheus.Labels{"key": key},
 		}, func() float64 { return readSysctl(key) }))
 	}
-	be, mtu, err := newBackend(cfg, ifc, opts, log, metrics)
+	dp, err := newBackend(cfg, ifc, opts, log, metrics)
 	if err != nil {
 		return err
 	}
+	be := dp.Network
 
 	fw, err := firewall.New(firewall.Config{
 		Mode:         firewallMode(opts, cfg),
@@ -155,13 +159,15 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	}
 	log.Info("firewall", "mode", fw.Mode(), "ip-masq", opts.IPMasq, "forward-rules", opts.IPTablesForwardRules)
 
-	a := &agent{opts: opts, cfg: cfg, log: log, be: be, fw: fw, mtu: mtu}
+	a := &agent{opts: opts, cfg: cfg, log: log, be: be, fw: fw, mtu: dp.mtu, known: map[string]bool{}}
 	a.registerMetrics(metrics)
 	req := registry.Request{
 		NodeName: opts.NodeName,
 		Config:   cfg,
 		Attrs: lease.Attrs{
-			BackendType: cfg.Backend.Type,
+			BackendType:   cfg.Backend.Type,
+			BackendData:   dp.data,
+			BackendV6Data: dp.v6data,
 		},
 	}
 	if cfg.EnableIPv4 {
@@ -262,6 +268,11 @@ type agent struct {
 	own lease.Lease // the lease this node holds
 
 	subnetWrote atomic.Bool
+	peers       atomic.Int64 // peer leases handed to the backend, for metrics
+
+	// known holds the peer leases handed to the backend, by key. Touched
+	// only by deliver, which the registry calls from one goroutine.
+	known map[string]bool
 }
 
 // setLease records a (new) own lease: the backend must never route to it,
@@ -351,17 +362,24 @@ func (a *agent) deliver(events []lease.Event) {
 		switch e.Type {
 		case lease.Added:
 			a.log.Debug("peer", "event", e.Type, "lease", e.Lease.String(), "public-ip", e.Lease.Attrs.PublicIP)
+			a.known[e.Lease.Key()] = true
 		case lease.Removed:
 			a.log.Info("peer gone", "lease", e.Lease.String())
+			delete(a.known, e.Lease.Key())
 		}
 		peers = append(peers, e)
 	}
+	a.peers.Store(int64(len(a.known)))
 	if len(peers) > 0 {
 		a.be.Handle(peers)
 	}
 }
 
 func (a *agent) registerMetrics(reg *prometheus.Registry) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "loom_peers",
+		Help: "Peer leases known from the registry and handed to the backend.",
+	}, func() float64 { return float64(a.peers.Load()) }))
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "loom_lease_held",
 		Help: "1 while this node holds a subnet lease.",
@@ -420,7 +438,23 @@ func networkConfig(ctx context.Context, opts options.Options, reg *registry.Regi
 	}
 }
 
-func newBackend(cfg netconf.Config, ifc iface.Iface, opts options.Options, log *slog.Logger, metrics prometheus.Registerer) (backend.Network, int, error) {
+// dataPath is the backend chosen by the network config, with what the
+// lease must carry for peers to reach this node.
+type dataPath struct {
+	backend.Network
+	data, v6data json.RawMessage // the lease's BackendData and BackendV6Data
+	mtu          int             // pod MTU for subnet.env
+}
+
+func newBackend(cfg netconf.Config, ifc iface.Iface, opts options.Options, log *slog.Logger, metrics prometheus.Registerer) (dataPath, error) {
+	var v6 netip.Addr
+	if cfg.EnableIPv6 {
+		v6 = ifc.PublicV6
+	}
+	var v4 netip.Addr
+	if cfg.EnableIPv4 {
+		v4 = ifc.PublicIP
+	}
 	switch cfg.Backend.Type {
 	case netconf.BackendHostGW:
 		n, err := hostgw.New(hostgw.Config{
@@ -430,9 +464,41 @@ func newBackend(cfg netconf.Config, ifc iface.Iface, opts options.Options, log *
 			Metrics:      metrics,
 		})
 		// host-gw adds no header: pods get the underlay MTU.
-		return n, ifc.MTU, err
+		return dataPath{Network: n, mtu: ifc.MTU}, err
+	case netconf.BackendVXLAN:
+		n, err := vxlan.New(vxlan.Config{
+			Backend:      cfg.Backend.Raw,
+			ExtLinkIndex: ifc.Index,
+			ExtMTU:       ifc.MTU,
+			PublicIP:     v4,
+			PublicIPv6:   v6,
+			NodeName:     opts.NodeName,
+			StateDir:     opts.StateDir,
+			Resync:       opts.Resync,
+			Logger:       log,
+			Metrics:      metrics,
+		})
+		if err != nil {
+			return dataPath{}, err
+		}
+		return dataPath{Network: n, data: n.BackendData(), v6data: n.BackendV6Data(), mtu: n.MTU()}, nil
+	case netconf.BackendUDP:
+		n, err := udp.New(udp.Config{
+			Backend:      cfg.Backend.Raw,
+			Network:      cfg,
+			ExtLinkIndex: ifc.Index,
+			ExtMTU:       ifc.MTU,
+			PublicIP:     v4,
+			Resync:       opts.Resync,
+			Logger:       log,
+			Metrics:      metrics,
+		})
+		if err != nil {
+			return dataPath{}, err
+		}
+		return dataPath{Network: n, data: n.BackendData(), mtu: n.MTU()}, nil
 	}
-	return nil, 0, fmt.Errorf("Backend.Type %q is not available in this version of loom yet (vxlan and udp arrive with issue #3): set \"Backend\": {\"Type\": \"host-gw\"} in the network config", cfg.Backend.Type)
+	return dataPath{}, fmt.Errorf("Backend.Type %q is not available in this version of loom: set \"Backend\": {\"Type\": \"vxlan\"} (or udp, host-gw) in the network config", cfg.Backend.Type)
 }
 
 // firewallMode is -firewall when given, else nftables when the network

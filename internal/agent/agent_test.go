@@ -55,12 +55,12 @@ func TestNetworkConfigFromFile(t *testing.T) {
 }
 
 func TestBackendNotYetAvailable(t *testing.T) {
-	cfg, err := netconf.Parse([]byte(`{"Network":"10.244.0.0/16"}`))
+	cfg, err := netconf.Parse([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}`))
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, _, err = newBackend(cfg, iface.Iface{Name: "eth0", Index: 1, MTU: 1500}, options.Options{}, nil, nil)
-	if err == nil || !strings.Contains(err.Error(), `"vxlan"`) || !strings.Contains(err.Error(), `"host-gw"`) {
-		t.Fatalf("error %v, want one naming vxlan and the host-gw fix", err)
+	_, err = newBackend(cfg, iface.Iface{Name: "eth0", Index: 1, MTU: 1500}, options.Options{}, nil, nil)
+	if err == nil || !strings.Contains(err.Error(), `"wireguard"`) || !strings.Contains(err.Error(), `"vxlan"`) {
+		t.Fatalf("error %v, want one naming wireguard and the vxlan fix", err)
 	}
 }

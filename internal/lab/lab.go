@@ -90,7 +90,7 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("--pods %d: use 0 to 50", o.Pods)
 	}
 	if o.Backend == "" {
-		o.Backend = "host-gw"
+		o.Backend = "vxlan"
 	}
 	switch o.Backend {
 	case "host-gw", "vxlan", "udp":

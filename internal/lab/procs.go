@@ -301,6 +301,30 @@ func (l *Lab) WaitConverged(ctx context.Context) error {
 	}
 }
 
+// peersKnown reads how many peers node's agent has handed to its backend.
+func (l *Lab) peersKnown(n Node) (int, error) {
+	client := &http.Client{
+		Transport: &http.Transport{DialContext: netns.Dialer{NS: n.NS}.DialContext, DisableKeepAlives: true},
+		Timeout:   2 * time.Second,
+	}
+	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", healthzPort))
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, "loom_peers "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			return int(f), err
+		}
+	}
+	return 0, fmt.Errorf("%s: no loom_peers metric", n.Name)
+}
+
 func (l *Lab) missingRoutes() ([]string, error) {
 	subnets := map[string]netip.Prefix{}
 	for _, n := range l.Nodes {
@@ -312,6 +336,18 @@ func (l *Lab) missingRoutes() ([]string, error) {
 	}
 	var missing []string
 	for _, n := range l.Nodes {
+		// Every agent must know every peer, whatever the backend makes of
+		// it; the udp backend keeps its peers in a table, not in routes.
+		known, err := l.peersKnown(n)
+		if err != nil {
+			return nil, err
+		}
+		if known != len(l.Nodes)-1 {
+			missing = append(missing, fmt.Sprintf("%s knows %d peers, want %d", n.Name, known, len(l.Nodes)-1))
+		}
+		if l.Opts.Backend == "udp" {
+			continue
+		}
 		h, err := openHandle(n.NS)
 		if err != nil {
 			return nil, err

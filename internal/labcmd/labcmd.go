@@ -47,7 +47,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		var o lab.Options
 		fs.IntVar(&o.Nodes, "nodes", 3, "number of nodes")
 		fs.IntVar(&o.Pods, "pods", 2, "pods per node")
-		fs.StringVar(&o.Backend, "backend", "host-gw", "backend: vxlan, udp or host-gw")
+		fs.StringVar(&o.Backend, "backend", "vxlan", "backend: vxlan, udp or host-gw")
 		fs.StringVar(&o.Underlay, "underlay", "flat", "underlay: flat (one subnet) or routed (two subnets behind the router)")
 		fs.StringVar(&o.Firewall, "firewall", "auto", "firewall mode of the agents: auto, nftables or iptables")
 		fs.StringVar(&o.Store, "store", "embedded", "store: embedded")
