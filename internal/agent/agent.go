@@ -82,6 +82,8 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		return nil
 	}
 
+	metrics := prometheus.NewRegistry()
+	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg, err := registry.New(ctx, registry.Config{
 		Endpoints:      opts.EtcdEndpoints,
 		Prefix:         opts.EtcdPrefix,
@@ -92,7 +94,9 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		Password:       opts.EtcdPassword,
 		DialTimeout:    opts.EtcdDialTimeout,
 		RequestTimeout: opts.EtcdRequestTimeout,
+		TTL:            opts.SubnetLeaseTTL,
 		Logger:         log,
+		Metrics:        metrics,
 	})
 	if err != nil {
 		return err
@@ -119,8 +123,13 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	if err := cfg.CheckUnderlay(ifc.Prefixes); err != nil {
 		return err
 	}
-	metrics := prometheus.NewRegistry()
-	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	routes, err := iface.HostRoutes()
+	if err != nil {
+		return fmt.Errorf("read the node's routes: %w", err)
+	}
+	if err := cfg.CheckRoutes(routes); err != nil {
+		return err
+	}
 	// Which interface carries the overlay, and why, is the first thing to
 	// look at when nodes cannot reach each other (the Vagrant trap).
 	metrics.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -159,7 +168,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	}
 	log.Info("firewall", "mode", fw.Mode(), "ip-masq", opts.IPMasq, "forward-rules", opts.IPTablesForwardRules)
 
-	a := &agent{opts: opts, cfg: cfg, log: log, be: be, fw: fw, mtu: dp.mtu, known: map[string]bool{}}
+	a := &agent{opts: opts, cfg: cfg, log: log, be: be, fw: fw, mtu: dp.mtu, known: map[string]bool{}, guard: reg.Guard(cfg)}
 	a.registerMetrics(metrics)
 	req := registry.Request{
 		NodeName: opts.NodeName,
@@ -231,6 +240,9 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	if err != nil {
 		return nil
 	}
+	if cfg.EnableIPv4 && len(dp.devices) > 0 {
+		wg.Go(func() { keepLooseRPFilter(ctx, dp.devices, opts.Resync, log) })
+	}
 	wg.Go(func() {
 		if err := fw.Run(ctx); err != nil && ctx.Err() == nil {
 			errc <- fmt.Errorf("firewall: %w", err)
@@ -263,6 +275,8 @@ type agent struct {
 	be   backend.Network
 	fw   *firewall.Firewall
 	mtu  int
+	// guard keeps corrupt and hostile peer leases out of the data path.
+	guard *registry.Guard
 
 	mu  sync.Mutex  // guards own
 	own lease.Lease // the lease this node holds
@@ -351,6 +365,7 @@ func (a *agent) listPeers(ctx context.Context, reg *registry.Registry) ([]lease.
 }
 
 func (a *agent) deliver(events []lease.Event) {
+	events = a.guard.Filter(events)
 	a.mu.Lock()
 	own := a.own
 	a.mu.Unlock()
@@ -444,6 +459,7 @@ type dataPath struct {
 	backend.Network
 	data, v6data json.RawMessage // the lease's BackendData and BackendV6Data
 	mtu          int             // pod MTU for subnet.env
+	devices      []string        // IPv4 overlay devices the backend owns, for rp_filter
 }
 
 func newBackend(cfg netconf.Config, ifc iface.Iface, opts options.Options, log *slog.Logger, metrics prometheus.Registerer) (dataPath, error) {
@@ -481,7 +497,11 @@ func newBackend(cfg netconf.Config, ifc iface.Iface, opts options.Options, log *
 		if err != nil {
 			return dataPath{}, err
 		}
-		return dataPath{Network: n, data: n.BackendData(), v6data: n.BackendV6Data(), mtu: n.MTU()}, nil
+		vo, err := vxlan.ParseOptions(cfg.Backend.Raw)
+		if err != nil {
+			return dataPath{}, err
+		}
+		return dataPath{Network: n, data: n.BackendData(), v6data: n.BackendV6Data(), mtu: n.MTU(), devices: []string{vxlan.DeviceName(vo.VNI, false)}}, nil
 	case netconf.BackendUDP:
 		n, err := udp.New(udp.Config{
 			Backend:      cfg.Backend.Raw,
@@ -496,7 +516,7 @@ func newBackend(cfg netconf.Config, ifc iface.Iface, opts options.Options, log *
 		if err != nil {
 			return dataPath{}, err
 		}
-		return dataPath{Network: n, data: n.BackendData(), mtu: n.MTU()}, nil
+		return dataPath{Network: n, data: n.BackendData(), mtu: n.MTU(), devices: []string{udp.DeviceName}}, nil
 	}
 	return dataPath{}, fmt.Errorf("Backend.Type %q is not available in this version of loom: set \"Backend\": {\"Type\": \"vxlan\"} (or udp, host-gw) in the network config", cfg.Backend.Type)
 }
@@ -530,6 +550,40 @@ func enableForwarding(cfg netconf.Config) ([]string, error) {
 		}
 	}
 	return keys, nil
+}
+
+// keepLooseRPFilter keeps reverse-path filtering loose (2) on the overlay
+// devices whenever strict filtering (1) would apply to them. The kernel
+// uses the larger of conf/all and conf/<dev>, so a host hardened with
+// all.rp_filter=1 drops pod packets arriving on the overlay whenever the
+// route back to their source leaves by another interface (a DirectRouting
+// peer that still encapsulates, asymmetric paths after a peer moves).
+// Loose mode keeps the spoofing check (the source must be routable at all).
+// The devices come and go with the backend's reconciler, so this is a loop.
+func keepLooseRPFilter(ctx context.Context, devices []string, every time.Duration, log *slog.Logger) {
+	if every <= 0 {
+		every = 5 * time.Second
+	}
+	for {
+		all := readSysctl("net/ipv4/conf/all/rp_filter")
+		for _, dev := range devices {
+			key := "net/ipv4/conf/" + dev + "/rp_filter"
+			cur := readSysctl(key)
+			if cur < 0 || cur == 2 || (cur == 0 && all != 1) {
+				continue // no such device yet, already loose, or no filtering at all
+			}
+			if err := os.WriteFile(filepath.Join("/proc/sys", key), []byte("2"), 0o644); err != nil {
+				log.Warn("set loose reverse-path filtering", "device", dev, "err", err)
+				continue
+			}
+			log.Info("set loose reverse-path filtering on the overlay device", "device", dev, "was", cur, "all", all)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every):
+		}
+	}
 }
 
 // readSysctl returns a numeric sysctl, or -1 when it cannot be read.

@@ -95,3 +95,24 @@ func TestVagrantNATInterface(t *testing.T) {
 	}
 	mustCheck(t, l, l.Matrix())
 }
+
+// A host hardened with strict reverse-path filtering: the agent keeps the
+// overlay device loose, and pods keep talking across nodes.
+func TestStrictRPFilterLoosenedOnOverlay(t *testing.T) {
+	l := upLab(t, Options{Name: "trpf", Nodes: 2, Pods: 1, Backend: "vxlan"})
+	for _, n := range []string{"n1", "n2"} {
+		inNS(t, l, n, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.flannel/1.rp_filter=1")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := strings.TrimSpace(inNS(t, l, "n1", "cat", "/proc/sys/net/ipv4/conf/flannel.1/rp_filter"))
+		if got == "2" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("flannel.1 rp_filter is %s one resync after it was made strict, want 2", got)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	eventually(t, l, "strict rp_filter", l.Matrix())
+}
