@@ -27,6 +27,10 @@ type Options struct {
 	GBP           bool // VXLAN Group Based Policy extension
 	Learning      bool // let the device learn FDB entries from received packets
 	DirectRouting bool // plain routes (host-gw style) to peers on the underlay's subnets
+	// ChecksumOffload forces TX checksum offload on the device on (true) or
+	// off (false). nil (the default): off only on kernels with the VXLAN
+	// checksum bug, on elsewhere. A loom option; flanneld has none.
+	ChecksumOffload *bool
 }
 
 // The option keys, spelled as flannel documents them. Matching is
@@ -40,6 +44,7 @@ const (
 	keyGBP           = "GBP"
 	keyLearning      = "Learning"
 	keyDirectRouting = "DirectRouting"
+	keyChecksum      = "ChecksumOffload"
 	// Windows-only keys of flannel's vxlan backend: accepted, so one config
 	// can serve a mixed cluster, and ignored, as flanneld on Linux does.
 	keyMacPrefix = "MacPrefix"
@@ -48,7 +53,7 @@ const (
 
 // linuxKeys returns the keys that mean something on Linux, for errors.
 func linuxKeys() []string {
-	return []string{keyType, keyVNI, keyPort, keyMTU, keyGBP, keyLearning, keyDirectRouting}
+	return []string{keyType, keyVNI, keyPort, keyMTU, keyGBP, keyLearning, keyDirectRouting, keyChecksum}
 }
 
 // knownKeys returns every key ParseOptions accepts.
@@ -113,6 +118,11 @@ func ParseOptions(raw json.RawMessage) (Options, error) {
 			err = boolean(keyLearning, v, &o.Learning)
 		case keyDirectRouting:
 			err = boolean(keyDirectRouting, v, &o.DirectRouting)
+		case keyChecksum:
+			var on bool
+			if err = boolean(keyChecksum, v, &on); err == nil {
+				o.ChecksumOffload = &on
+			}
 		}
 		if err != nil {
 			return Options{}, err

@@ -37,7 +37,7 @@ func TestParseOptions(t *testing.T) {
 		{name: "not an object", raw: `[1]`,
 			wantErr: "Backend is not a JSON object: json: cannot unmarshal array into Go value of type map[string]json.RawMessage"},
 		{name: "unknown key", raw: `{"DirectRoute":true}`,
-			wantErr: `unknown key "DirectRoute" in Backend: the vxlan backend's keys are Type, VNI, Port, MTU, GBP, Learning, DirectRouting`},
+			wantErr: `unknown key "DirectRoute" in Backend: the vxlan backend's keys are Type, VNI, Port, MTU, GBP, Learning, DirectRouting, ChecksumOffload`},
 		{name: "one key twice", raw: `{"VNI":1,"vni":2}`,
 			wantErr: `keys "VNI" and "vni" in Backend both set VNI: keep one`},
 		{name: "another type", raw: `{"Type":"host-gw"}`,
