@@ -114,6 +114,22 @@ func TestFirewallModes(t *testing.T) {
 			}
 			eventually(t, l, "-ip-masq=false", noMasq)
 			eventually(t, l, "pod to pod with -ip-masq=false", kindRows(rows, "pod->pod cross-node"))
+
+			// `loom agent -cleanup` removes everything loom installed, in
+			// both renderings, and leaves other rules alone.
+			if err := l.StopAgent("n1", syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			inNS(t, l, "n1", l.loomBin(), "agent", "--cleanup")
+			if got := inNS(t, l, "n1", "nft", "list", "ruleset"); strings.Contains(got, "table ip loom") {
+				t.Fatalf("nftables still has loom's table after -cleanup:\n%s", got)
+			}
+			if got := inNS(t, l, "n1", "iptables-save"); strings.Contains(got, "LOOM-") {
+				t.Fatalf("iptables still has loom's chains after -cleanup:\n%s", got)
+			}
+			if got := inNS(t, l, "n1", "iptables", "-S", "FORWARD"); !strings.Contains(got, "-P FORWARD DROP") {
+				t.Fatalf("-cleanup changed the FORWARD policy it does not own:\n%s", got)
+			}
 		})
 	}
 }
