@@ -24,6 +24,7 @@ commands:
   store     run an embedded etcd server for loom
   lab       build and drive a multi-node cluster on this machine
   doctor    diagnose this node: every misconfiguration with evidence and fix (read-only)
+  bench     measure the data paths and the control plane in a lab, next to baselines
   version   print the version
 `
 
@@ -58,6 +59,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return labcmd.Main(ctx, rest, stdout, stderr)
 	case "doctor":
 		return runDoctor(ctx, rest, stdout, stderr)
+	case "bench":
+		return runBench(ctx, rest, stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, version.String())
 		return nil

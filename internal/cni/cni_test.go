@@ -670,11 +670,30 @@ func TestErrors(t *testing.T) {
 			t.Fatalf("code %d %q, want 7 saying 9000 is larger than FLANNEL_MTU", te.Code, te.Msg)
 		}
 	})
+	// A bad CNI_NETNS is the spec's code 4 (invalid environment variable),
+	// naming the variable; nothing is configured anywhere.
+	badNetNS := func(t *testing.T, err error, what string) {
+		t.Helper()
+		if te := cniCode(t, err); te.Code != types.ErrInvalidEnvironmentVariables || !strings.Contains(te.Msg, "CNI_NETNS") {
+			t.Errorf("%s: code %d %q, want 4 naming CNI_NETNS", what, te.Code, te.Msg)
+		}
+	}
 	t.Run("bad netns", func(t *testing.T) {
 		rt := &libcni.RuntimeConf{ContainerID: "c2", NetNS: "/run/netns/" + testnet.Prefix + "never-existed", IfName: "eth0"}
 		err := n.in(func() error { _, err := n.rt.AddNetworkList(context.Background(), l, rt); return err })
-		if te := cniCode(t, err); te.Code != types.ErrInvalidNetNS {
-			t.Fatalf("code %d %q, want 8", te.Code, te.Msg)
+		badNetNS(t, err, "ADD")
+	})
+	t.Run("CNI_NETNS is not a network namespace", func(t *testing.T) {
+		file := filepath.Join(t.TempDir(), "not-a-netns")
+		if err := os.WriteFile(file, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		// A mount namespace passes a file system check; only its kind
+		// tells it apart.
+		for _, path := range []string{file, "/proc/self/ns/mnt", "/proc/1/ns/pid"} {
+			rt := &libcni.RuntimeConf{ContainerID: "c4", NetNS: path, IfName: "eth0"}
+			err := n.in(func() error { _, err := n.rt.AddNetworkList(context.Background(), l, rt); return err })
+			badNetNS(t, err, "ADD "+path)
 		}
 	})
 	t.Run("CNI_NETNS is the node's own", func(t *testing.T) {
@@ -685,13 +704,9 @@ func TestErrors(t *testing.T) {
 		}
 		rt := &libcni.RuntimeConf{ContainerID: "c3", NetNS: n.ns.Path(), IfName: "loomt-victim"}
 		err := n.in(func() error { _, err := n.rt.AddNetworkList(context.Background(), l, rt); return err })
-		if te := cniCode(t, err); te.Code != types.ErrInvalidNetNS {
-			t.Errorf("ADD: code %d %q, want 8", te.Code, te.Msg)
-		}
+		badNetNS(t, err, "ADD")
 		err = n.in(func() error { return n.rt.DelNetworkList(context.Background(), l, rt) })
-		if te := cniCode(t, err); te.Code != types.ErrInvalidNetNS {
-			t.Errorf("DEL: code %d %q, want 8", te.Code, te.Msg)
-		}
+		badNetNS(t, err, "DEL")
 		if _, err := nodeNL.LinkByName("loomt-victim"); err != nil {
 			t.Errorf("the node's own interface is gone: %v", err)
 		}

@@ -21,9 +21,12 @@
 //   - STATUS fails with code 50 while subnet.env is missing or unusable, or
 //     every address is taken.
 //
-// Error codes: 4 bad environment (skel), 6 undecodable stdin, 7 bad field in
-// the configuration, 8 bad CNI_NETNS, 11 IPAM store locked too long (retry),
-// 50 not available (no subnet.env yet, or pool exhausted), 999 anything else.
+// Error codes: 4 bad environment: a missing variable (skel), or a CNI_NETNS
+// that is missing, not a network namespace, or the node's own network
+// namespace (the spec's code for an invalid variable, the message naming
+// it; libcni's code 8 is not in the spec); 6 undecodable stdin, 7 bad field
+// in the configuration, 11 IPAM store locked too long (retry), 50 not
+// available (no subnet.env yet, or pool exhausted), 999 anything else.
 package cni
 
 import (
@@ -40,6 +43,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/loomnet/loom/internal/ipam"
 	"github.com/loomnet/loom/internal/subnetenv"
@@ -216,10 +220,10 @@ func delPodEnd(path, ifName string) error {
 		return nil
 	}
 	if err != nil {
-		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open CNI_NETNS %q: %v", path, err), "")
+		return badNetNS(path, err.Error())
 	}
 	defer pod.Close()
-	if err := notNodeNetNS(pod); err != nil {
+	if err := checkPodNetNS(pod); err != nil {
 		return err
 	}
 	podNL, err := netlink.NewHandleAt(netns.NsHandle(pod.Fd()))
@@ -481,31 +485,50 @@ func readPlan(c *Config) (plan, error) {
 	return p, nil
 }
 
+// openNetNS opens CNI_NETNS for ADD and CHECK, refusing anything but
+// another network namespace: a runtime bug (or a hostile caller) must
+// never make loom-cni re-address the node itself.
 func openNetNS(path string) (ns.NetNS, error) {
 	pod, err := ns.GetNS(path)
 	if err != nil {
-		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open CNI_NETNS %q: %v", path, err), "")
+		return nil, badNetNS(path, err.Error())
 	}
-	if err := notNodeNetNS(pod); err != nil {
+	if err := checkPodNetNS(pod); err != nil {
 		pod.Close()
 		return nil, err
 	}
 	return pod, nil
 }
 
-// notNodeNetNS refuses a CNI_NETNS that is the node's own namespace: the
-// pod-side steps (create CNI_IFNAME, delete CNI_IFNAME) would then hit the
-// node's interfaces. skel checks this too, but only after the command ran.
-func notNodeNetNS(pod ns.NetNS) error {
+// checkPodNetNS refuses a namespace that is not a network namespace (a
+// mount or PID namespace passes ns.GetNS: it checks the file system, not
+// the kind), and the node's own network namespace: the pod-side steps
+// (create CNI_IFNAME, delete CNI_IFNAME) would then hit the node's
+// interfaces. skel checks the latter too, but only after the command ran.
+func checkPodNetNS(pod ns.NetNS) error {
+	kind, err := unix.IoctlRetInt(int(pod.Fd()), unix.NS_GET_NSTYPE)
+	if err != nil {
+		return badNetNS(pod.Path(), fmt.Sprintf("cannot tell what kind of namespace it is: %v", err))
+	}
+	if kind != unix.CLONE_NEWNET {
+		return badNetNS(pod.Path(), "it is not a network namespace")
+	}
 	self, err := netns.Get()
 	if err != nil {
 		return fmt.Errorf("open the plugin's own netns: %w", err)
 	}
 	defer self.Close()
 	if self.Equal(netns.NsHandle(pod.Fd())) {
-		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("CNI_NETNS %s is the node's own network namespace, not a pod's", pod.Path()), "")
+		return badNetNS(pod.Path(), "it is the node's own network namespace, not a pod's")
 	}
 	return nil
+}
+
+// badNetNS is the error for an unusable CNI_NETNS: code 4, naming the
+// variable as the spec asks.
+func badNetNS(path, why string) error {
+	return types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_NETNS %q: %s", path, why),
+		"CNI_NETNS must be the path of the pod's network namespace, e.g. /var/run/netns/cni-1234")
 }
 
 // handles opens netlink on the node (this process's netns) and in the pod.

@@ -312,31 +312,17 @@ func (b *breaker) stopStore() error {
 	if err := b.record(undoStep{Op: opStartStore}); err != nil {
 		return err
 	}
-	pids, err := pidsIn([]string{b.l.RouterNS()})
-	if err != nil {
-		return err
-	}
-	for _, pid := range pids {
-		if cmdline(pid) != "store" {
-			continue
-		}
-		_ = syscall.Kill(pid, syscall.SIGTERM)
-		if !waitGone(pid, 10*time.Second) {
-			return fmt.Errorf("store (pid %d) still running 10s after SIGTERM", pid)
-		}
-	}
-	return nil
+	return b.l.StopStore(syscall.SIGTERM)
 }
 
-// etcd returns a client of the lab's store, dialling from the router's
-// namespace; call the returned function to close it.
+// etcd returns a client of the lab's store (every member with --store
+// cluster, over TLS), dialling from the router's namespace. Close it.
 func (l *Lab) etcd() (*clientv3.Client, error) {
-	d := netns.Dialer{NS: l.RouterNS()}
-	return clientv3.New(clientv3.Config{
-		Endpoints:   []string{l.StoreEndpoint()},
-		DialTimeout: 5 * time.Second,
-		DialOptions: grpcDialer(d),
-	})
+	cfg, err := l.etcdConfig()
+	if err != nil {
+		return nil, err
+	}
+	return clientv3.New(cfg)
 }
 
 const registryPrefix = "/coreos.com/network"

@@ -79,7 +79,7 @@ func (l *Lab) Heal(ctx context.Context) error {
 	for node := range st.Extra {
 		restart[node] = true
 	}
-	if !l.recordedAlive("store") {
+	if !l.storeRunning() {
 		if err := l.startStore(); err != nil {
 			errs = append(errs, err)
 		} else if err := l.waitStore(ctx); err != nil {

@@ -19,6 +19,8 @@
 //
 // With --underlay routed, odd nodes sit on br0 (198.18.0.0/24) and even
 // nodes on br1 (198.18.1.0/24), so nodes are no longer all on one link.
+// With --store cluster, a 3-member etcd cluster with TLS runs in namespaces
+// loom-a-s1..s3 on br0 (198.18.0.2-4) instead of loom store (cluster.go).
 //
 // Everything the lab owns is found by name (namespaces loom-<lab>-*, state
 // under /run/loom/<lab>/, processes by the namespace they run in), so `down`
@@ -34,6 +36,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 )
 
 // Defaults and fixed parts of the address plan (DESIGN.md §5).
@@ -116,8 +119,8 @@ func (o *Options) Validate() error {
 	if o.Store == "" {
 		o.Store = "embedded"
 	}
-	if o.Store != "embedded" {
-		return fmt.Errorf("--store %s: not yet (issue #6 brings the external cluster); use embedded", o.Store)
+	if o.Store != "embedded" && o.Store != "cluster" {
+		return fmt.Errorf("--store %q: use embedded (loom store) or cluster (a 3-member etcd cluster with TLS)", o.Store)
 	}
 	if o.Datastore == "" {
 		o.Datastore = "etcd"
@@ -160,7 +163,9 @@ type Pod struct {
 type Lab struct {
 	Opts  Options
 	Store netip.AddrPort // client address of the embedded store
-	Nodes []Node
+	// Members are the etcd cluster's members with --store cluster.
+	Members []Member `json:",omitempty"`
+	Nodes   []Node
 }
 
 func (l *Lab) dir() string             { return filepath.Join(StateRoot, l.Opts.Name) }
@@ -183,8 +188,21 @@ func (l *Lab) NodeDir(node string) string { return l.nodeDir(node) }
 // SubnetFile is the node's subnet.env.
 func (l *Lab) SubnetFile(node string) string { return filepath.Join(l.nodeDir(node), "subnet.env") }
 
-// StoreEndpoint is the URL agents use for the store.
-func (l *Lab) StoreEndpoint() string { return "http://" + l.Store.String() }
+// StoreEndpoint is what agents get as -etcd-endpoints: the store's URL,
+// or the members' URLs separated by commas.
+func (l *Lab) StoreEndpoint() string { return strings.Join(l.StoreEndpoints(), ",") }
+
+// StoreEndpoints are the store's client URLs.
+func (l *Lab) StoreEndpoints() []string {
+	if l.Opts.Store != "cluster" {
+		return []string{"http://" + l.Store.String()}
+	}
+	var urls []string
+	for _, m := range l.Members {
+		urls = append(urls, m.ClientURL())
+	}
+	return urls
+}
 
 // RouterNS and ExtNS name the router and "internet" namespaces.
 func (l *Lab) RouterNS() string { return l.ns("rt") }
@@ -194,6 +212,9 @@ func (l *Lab) ExtNS() string    { return l.ns("ext") }
 func (l *Lab) NSOf(member string) (string, error) {
 	if member == "rt" || member == "ext" {
 		return l.ns(member), nil
+	}
+	if m, err := l.Member(member); err == nil {
+		return m.NS, nil
 	}
 	for _, n := range l.Nodes {
 		if n.Name == member {
@@ -205,7 +226,7 @@ func (l *Lab) NSOf(member string) (string, error) {
 			}
 		}
 	}
-	return "", fmt.Errorf("lab %s has no member %q (use rt, ext, n1.., n1-p1..)", l.Opts.Name, member)
+	return "", fmt.Errorf("lab %s has no member %q (use rt, ext, n1.., n1-p1.., s1..s3 with --store cluster)", l.Opts.Name, member)
 }
 
 func (l *Lab) save() error {

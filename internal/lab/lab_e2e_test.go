@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -25,7 +24,6 @@ import (
 
 	"github.com/vishvananda/netlink"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/grpc"
 
 	"github.com/loomnet/loom/internal/netns"
 	"github.com/loomnet/loom/internal/subnetenv"
@@ -127,17 +125,11 @@ func subnets(t *testing.T, l *Lab) map[string]netip.Prefix {
 	return out
 }
 
-// etcdClient talks to the lab's store from inside the router namespace.
+// etcdClient talks to the lab's store from inside the router namespace
+// (over TLS with --store cluster).
 func etcdClient(t *testing.T, l *Lab) *clientv3.Client {
 	t.Helper()
-	d := netns.Dialer{NS: l.RouterNS()}
-	c, err := clientv3.New(clientv3.Config{
-		Endpoints:   []string{l.StoreEndpoint()},
-		DialTimeout: 5 * time.Second,
-		DialOptions: []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-			return d.DialContext(ctx, "tcp", addr)
-		})},
-	})
+	c, err := l.etcd()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -375,32 +367,6 @@ func TestDuplicatePublicIPRefused(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "subnet.env")); err == nil {
 		t.Error("refused agent wrote a subnet.env")
-	}
-}
-
-// 20 agents started at once against one store get 20 distinct subnets.
-func TestTwentyAgentsDistinctSubnets(t *testing.T) {
-	l := upLab(t, Options{Name: "t20", Nodes: 20, Pods: 0})
-	s := subnets(t, l)
-	seen := map[netip.Prefix]string{}
-	for node, p := range s {
-		if other, dup := seen[p]; dup {
-			t.Fatalf("nodes %s and %s share subnet %s", node, other, p)
-		}
-		seen[p] = node
-	}
-	if len(seen) != 20 {
-		t.Fatalf("%d distinct subnets, want 20", len(seen))
-	}
-	c := etcdClient(t, l)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	got, err := c.Get(ctx, "/coreos.com/network/subnets/", clientv3.WithPrefix(), clientv3.WithCountOnly())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got.Count != 20 {
-		t.Fatalf("registry holds %d leases, want 20", got.Count)
 	}
 }
 

@@ -2,6 +2,7 @@ package lab
 
 import (
 	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -23,6 +24,7 @@ func TestOptionsValidate(t *testing.T) {
 		{name: "unknown firewall", opts: Options{Firewall: "pf"}, want: `--firewall "pf"`},
 		{name: "bad underlay", opts: Options{Underlay: "mesh"}, want: `--underlay "mesh"`},
 		{name: "kube not yet", opts: Options{Datastore: "kube"}, want: "--datastore kube: not yet"},
+		{name: "unknown store", opts: Options{Store: "consul"}, want: `--store "consul": use embedded (loom store) or cluster`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := tc.opts
@@ -102,5 +104,31 @@ func TestOverrideFlags(t *testing.T) {
 				t.Fatalf("got  %s\nwant %s", got, tc.want)
 			}
 		})
+	}
+}
+
+// With --store cluster, the members sit below the nodes on br0, agents get
+// every member's https URL and the client certificate.
+func TestClusterPlan(t *testing.T) {
+	for i, want := range []string{"198.18.0.2/24", "198.18.0.3/24", "198.18.0.4/24"} {
+		if got := memberAddr(i + 1).String(); got != want {
+			t.Errorf("member %d at %s, want %s", i+1, got, want)
+		}
+	}
+	if first, _ := nodeAddr(1, false); memberAddr(clusterSize).Addr().Compare(first.Addr()) >= 0 {
+		t.Fatalf("members reach into the nodes' addresses (%s)", first)
+	}
+	l := &Lab{Opts: Options{Name: "a", Store: "cluster", Firewall: "auto"}}
+	for i := 1; i <= clusterSize; i++ {
+		l.Members = append(l.Members, Member{Name: "s" + strconv.Itoa(i), Addr: memberAddr(i)})
+	}
+	if got, want := l.StoreEndpoint(), "https://198.18.0.2:2379,https://198.18.0.3:2379,https://198.18.0.4:2379"; got != want {
+		t.Errorf("StoreEndpoint() = %s, want %s", got, want)
+	}
+	args := strings.Join(l.AgentArgs("n1"), " ")
+	for _, want := range []string{"--etcd-cafile /run/loom/a/pki/ca.pem", "--etcd-certfile /run/loom/a/pki/client.pem", "--etcd-keyfile /run/loom/a/pki/client-key.pem"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("agent args lack %q: %s", want, args)
+		}
 	}
 }

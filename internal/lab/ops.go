@@ -48,6 +48,12 @@ func Up(ctx context.Context, opts Options, log *slog.Logger) (l *Lab, err error)
 		return nil, err
 	}
 	l.Store = netip.AddrPortFrom(bridgeAddr(0).Addr(), storePort)
+	if opts.Store == "cluster" {
+		if err := l.buildCluster(); err != nil {
+			return nil, err
+		}
+		l.Store = netip.AddrPortFrom(l.Members[0].Addr.Addr(), storePort)
+	}
 	for _, n := range l.Nodes {
 		if err := os.MkdirAll(l.nodeDir(n.Name), 0o755); err != nil {
 			return nil, err
@@ -57,7 +63,7 @@ func Up(ctx context.Context, opts Options, log *slog.Logger) (l *Lab, err error)
 		return nil, err
 	}
 
-	log.Info("starting store", "ns", l.RouterNS(), "endpoint", l.StoreEndpoint())
+	log.Info("starting store", "store", opts.Store, "endpoints", l.StoreEndpoint())
 	if err := l.startStore(); err != nil {
 		return nil, err
 	}
@@ -100,6 +106,9 @@ func (l *Lab) waitAllReady(ctx context.Context) error {
 }
 
 func (l *Lab) waitStore(ctx context.Context) error {
+	if l.Opts.Store == "cluster" {
+		return l.waitCluster(ctx)
+	}
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	d := netns.Dialer{NS: l.RouterNS()}
@@ -189,8 +198,15 @@ func down(prefix, dir string) error {
 func (l *Lab) Status(ctx context.Context, w io.Writer) error {
 	fmt.Fprintf(w, "lab %s: %d nodes, backend %s, underlay %s, store %s\n",
 		l.Opts.Name, len(l.Nodes), l.Opts.Backend, l.Opts.Underlay, l.StoreEndpoint())
-	pids, _ := pidsIn([]string{l.RouterNS()})
-	fmt.Fprintf(w, "  rt   store: %s\n", procState(pids, "store"))
+	if l.Opts.Store == "cluster" {
+		for _, m := range l.Members {
+			pids, _ := pidsIn([]string{m.NS})
+			fmt.Fprintf(w, "  %-4s %s  etcd: %s\n", m.Name, m.Addr.Addr(), procState(pids, etcdBinary))
+		}
+	} else {
+		pids, _ := pidsIn([]string{l.RouterNS()})
+		fmt.Fprintf(w, "  rt   store: %s\n", procState(pids, "store"))
+	}
 	for _, n := range l.Nodes {
 		pids, _ := pidsIn([]string{n.NS})
 		subnet := "no subnet.env"

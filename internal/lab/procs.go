@@ -46,7 +46,18 @@ func startIn(ns, logPath, bin string, args ...string) (*os.Process, error) {
 
 func (l *Lab) loomBin() string { return filepath.Join(l.Opts.BinDir, "loom") }
 
+// startStore starts the store: loom store, or every cluster member that
+// is not running.
 func (l *Lab) startStore() error {
+	if l.Opts.Store == "cluster" {
+		var errs []error
+		for _, m := range l.Members {
+			if !l.MemberAlive(m.Name) {
+				errs = append(errs, l.StartMember(m.Name))
+			}
+		}
+		return errors.Join(errs...)
+	}
 	dir := l.dir()
 	return l.record("store", l.RouterNS(), filepath.Join(dir, "store.log"),
 		"store",
@@ -58,7 +69,7 @@ func (l *Lab) startStore() error {
 
 // AgentArgs is the command line the lab gives node's agent.
 func (l *Lab) AgentArgs(node string) []string {
-	return []string{
+	args := []string{
 		"agent",
 		"--node-name", node,
 		"--etcd-endpoints", l.StoreEndpoint(),
@@ -70,6 +81,11 @@ func (l *Lab) AgentArgs(node string) []string {
 		"--healthz-port", strconv.Itoa(healthzPort),
 		"--firewall", l.Opts.Firewall,
 	}
+	if l.Opts.Store == "cluster" {
+		ca, client := l.clientTLS()
+		args = append(args, "--etcd-cafile", ca, "--etcd-certfile", client.Cert, "--etcd-keyfile", client.Key)
+	}
+	return args
 }
 
 // StartAgent starts node's agent (again) with the lab's usual flags.
@@ -121,7 +137,7 @@ func (l *Lab) StopAgent(node string, sig syscall.Signal) error {
 }
 
 // cmdline returns the loom subcommand a process runs ("agent", "store"),
-// or "" for anything else.
+// "etcd" for an etcd member, or "" for anything else.
 func cmdline(pid int) string {
 	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	if err != nil {
@@ -131,6 +147,9 @@ func cmdline(pid int) string {
 	// Between fork and exec, `ip netns exec NS loom agent ...` is still ip.
 	if len(args) > 4 && filepath.Base(args[0]) == "ip" && args[1] == "netns" && args[2] == "exec" {
 		args = args[4:]
+	}
+	if len(args) > 0 && filepath.Base(args[0]) == etcdBinary {
+		return etcdBinary
 	}
 	if len(args) < 2 || filepath.Base(args[0]) != "loom" {
 		return ""

@@ -89,9 +89,18 @@ func bridgeMAC(i int) net.HardwareAddr {
 	return net.HardwareAddr{0x02, 0x6c, 0x6d, 0x00, 0x00, byte(i + 1)} // 02:6c:6d = "lm", locally administered
 }
 
+// nodeMAC is node's fixed eth0 MAC, derived from its underlay address: a
+// real NIC keeps its MAC across a reboot, so peers' ARP entries for the
+// node stay right when RebootNode rebuilds its namespace.
+func nodeMAC(underlay netip.Addr) net.HardwareAddr {
+	a := underlay.As4()
+	return net.HardwareAddr{0x02, 0x6c, 0x6d, 0x01, a[2], a[3]}
+}
+
 // veth creates a veth pair with one end (local) in h's namespace and the
-// other (peer) moved into the namespace peerNS.
-func (h *handle) veth(local, peer string, peerNS string, master int) error {
+// other (peer) moved into the namespace peerNS; peerMAC nil means a random
+// MAC.
+func (h *handle) veth(local, peer string, peerNS string, master int, peerMAC net.HardwareAddr) error {
 	pns, err := vnetns.GetFromName(peerNS)
 	if err != nil {
 		return fmt.Errorf("open namespace %s: %w", peerNS, err)
@@ -100,7 +109,7 @@ func (h *handle) veth(local, peer string, peerNS string, master int) error {
 	attrs := netlink.NewLinkAttrs()
 	attrs.Name = local
 	attrs.MasterIndex = master
-	v := &netlink.Veth{LinkAttrs: attrs, PeerName: peer, PeerNamespace: netlink.NsFd(pns)}
+	v := &netlink.Veth{LinkAttrs: attrs, PeerName: peer, PeerNamespace: netlink.NsFd(pns), PeerHardwareAddr: peerMAC}
 	if err := h.LinkAdd(v); err != nil {
 		return fmt.Errorf("veth %s <-> %s in %s: %w", local, peer, peerNS, err)
 	}
@@ -147,7 +156,7 @@ func (l *Lab) buildTopology() error {
 
 	// The "internet": one host behind the router that knows the underlay
 	// but has no route to any pod network, like a real upstream.
-	if err := r.veth("ext0", "eth0", ext, 0); err != nil {
+	if err := r.veth("ext0", "eth0", ext, 0, nil); err != nil {
 		return err
 	}
 	if err := r.addAddr("ext0", extRouter); err != nil {
@@ -192,7 +201,7 @@ func (l *Lab) buildNode(r *handle, n Node, bridge int) error {
 	if err != nil {
 		return fmt.Errorf("find br%d: %w", bridge, err)
 	}
-	if err := r.veth(n.Name, "eth0", n.NS, br.Attrs().Index); err != nil {
+	if err := r.veth(n.Name, "eth0", n.NS, br.Attrs().Index, nodeMAC(n.Underlay.Addr())); err != nil {
 		return err
 	}
 	if err := r.up(n.Name); err != nil {

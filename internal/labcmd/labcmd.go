@@ -21,10 +21,10 @@ import (
 const usage = `usage: loom lab COMMAND [flags]
 
   up      [--name a] [--nodes 3] [--pods 2] [--backend vxlan|udp|host-gw] [--underlay flat|routed]
-          [--firewall auto|nftables|iptables] [--store embedded] [--datastore etcd] [--bin-dir DIR]
+          [--firewall auto|nftables|iptables] [--store embedded|cluster] [--datastore etcd] [--bin-dir DIR]
   status  [--name a]
   check   [--name a]      print the connectivity matrix; exit 0 only when all is as expected
-  exec    [--name a] rt|ext|n1|n1-p1 -- CMD ARGS...
+  exec    [--name a] rt|ext|n1|n1-p1|s1 -- CMD ARGS...
   doctor  [--name a] NODE [doctor flags]   loom doctor inside NODE, with its agent's flags
   break   [--name a] SCENARIO   inject a fault for doctor (without SCENARIO: list them)
   heal    [--name a]            undo the fault and restart what it touched
@@ -50,7 +50,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		fs.StringVar(&o.Backend, "backend", "vxlan", "backend: vxlan, udp or host-gw")
 		fs.StringVar(&o.Underlay, "underlay", "flat", "underlay: flat (one subnet) or routed (two subnets behind the router)")
 		fs.StringVar(&o.Firewall, "firewall", "auto", "firewall mode of the agents: auto, nftables or iptables")
-		fs.StringVar(&o.Store, "store", "embedded", "store: embedded")
+		fs.StringVar(&o.Store, "store", "embedded", "store: embedded (loom store) or cluster (3-member etcd cluster with TLS and client certificates; needs etcd-server)")
 		fs.StringVar(&o.Datastore, "datastore", "etcd", "datastore: etcd")
 		fs.StringVar(&o.BinDir, "bin-dir", "", "directory holding loom and loom-cni (default: this binary's)")
 		if err := parse(fs, rest); err != nil {

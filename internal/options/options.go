@@ -63,6 +63,10 @@ type Options struct {
 	NetConfigPath    string
 	NetConfigPathSet bool
 
+	// HealthzIP is 127.0.0.1 by default, where flanneld listens on
+	// 0.0.0.0: /metrics tells anyone who can reach it the node's subnets,
+	// addresses and peers. Give -healthz-ip to expose it (to a Prometheus
+	// that scrapes over the network, a kubelet probing the pod IP).
 	HealthzIP   netip.Addr
 	HealthzPort int // 0: no health server, as in flanneld
 
@@ -75,6 +79,11 @@ type Options struct {
 	LogLevel slog.Level
 	Firewall string // -firewall: "", auto, nftables or iptables ("" = decided by the network config)
 	Cleanup  bool   // -cleanup: remove loom's firewall rules and exit
+	// SubnetLeaseTTL is the etcd TTL of the node's subnet lease (-subnet-
+	// lease-ttl, default 24 h as in flannel). Keep-alive renews it at a
+	// third of the TTL; a node cut off from the store for longer loses it.
+	// Shorter values are for tests of exactly that.
+	SubnetLeaseTTL time.Duration
 }
 
 // Flag names, spelled once: they are also the environment variable names.
@@ -112,6 +121,7 @@ const (
 	flagLogLevel           = "log-level"
 	flagFirewall           = "firewall"
 	flagCleanup            = "cleanup"
+	flagSubnetLeaseTTL     = "subnet-lease-ttl"
 )
 
 // Environment variable prefixes. flanneld reads FLANNELD_<FLAG>; loom's own
@@ -127,6 +137,10 @@ const (
 // leaseTTL is the lifetime of a subnet lease in etcd (flannel's, 24 h): a
 // renew margin must be shorter, or the lease would be renewed constantly.
 const leaseTTL = 24 * time.Hour
+
+// minLeaseTTL is etcd's shortest lease TTL with its default election
+// timeout; it grants at least that whatever is asked.
+const minLeaseTTL = 2 * time.Second
 
 // def describes one flag.
 type def struct {
@@ -162,7 +176,7 @@ func defs() []def {
 		{name: flagIPTablesResync, value: "5", usage: "re-check the firewall rules every this many `seconds`"},
 		{name: flagIPTablesForwardRules, value: "true", bool: true, usage: "accept forwarded pod traffic in the FORWARD chain"},
 		{name: flagNetConfigPath, value: "/etc/kube-flannel/net-conf.json", usage: "network config `file`, read in kube mode or when this flag is given"},
-		{name: flagHealthzIP, value: "0.0.0.0", usage: "`address` the health server listens on"},
+		{name: flagHealthzIP, value: "127.0.0.1", usage: "`address` the health server (/healthz, /readyz, /metrics) listens on; flanneld's default is 0.0.0.0, loom's keeps it on the node"},
 		{name: flagHealthzPort, value: "0", usage: "`port` of the health server; 0 disables it"},
 		{name: flagVersion, bool: true, usage: "print the version and exit"},
 
@@ -174,6 +188,7 @@ func defs() []def {
 		{name: flagLogLevel, loom: true, value: "info", usage: "log `level`: debug, info, warn or error"},
 		{name: flagFirewall, loom: true, usage: "firewall `mode`: auto, nftables or iptables (default: nftables when the network config sets EnableNFTables, else auto)"},
 		{name: flagCleanup, loom: true, bool: true, usage: "remove the masquerade and forward rules loom installed, then exit"},
+		{name: flagSubnetLeaseTTL, loom: true, value: "24h", usage: "etcd TTL of the subnet lease (`duration`, at least 2s); keep-alive renews it, a node cut off from the store for longer loses its subnet"},
 	}
 }
 
@@ -386,6 +401,12 @@ func (c *converter) options(getenv func(string) string) Options {
 		LogLevel: c.logLevel(flagLogLevel),
 		Firewall: c.oneOf(flagFirewall, "", "auto", "nftables", "iptables"),
 		Cleanup:  c.boolean(flagCleanup),
+
+		SubnetLeaseTTL: c.duration(flagSubnetLeaseTTL),
+	}
+	if o.SubnetLeaseTTL > 0 && o.SubnetLeaseTTL < minLeaseTTL {
+		_, from := c.get(flagSubnetLeaseTTL)
+		c.fail("%s %v is shorter than etcd's minimum lease TTL: use %v or more", from, o.SubnetLeaseTTL, minLeaseTTL)
 	}
 	if o.EtcdCertFile != "" && o.EtcdKeyFile == "" {
 		c.fail("-%s set without -%s: give the client key that goes with the certificate", flagEtcdCertFile, flagEtcdKeyFile)

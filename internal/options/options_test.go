@@ -32,7 +32,8 @@ func TestDefaults(t *testing.T) {
 		IPTablesResync:         5 * time.Second,
 		IPTablesForwardRules:   true,
 		NetConfigPath:          "/etc/kube-flannel/net-conf.json",
-		HealthzIP:              netip.MustParseAddr("0.0.0.0"),
+		HealthzIP:              netip.MustParseAddr("127.0.0.1"), // flanneld: 0.0.0.0
+		SubnetLeaseTTL:         24 * time.Hour,
 		NodeName:               "n1",
 		StateDir:               "/var/lib/loom",
 		Resync:                 5 * time.Second,
@@ -88,6 +89,18 @@ func TestSources(t *testing.T) {
 			env:   map[string]string{"FLANNELD_ETCD_ENDPOINTS": "http://198.18.0.9:2379"},
 			field: func(o Options) any { return o.EtcdEndpoints },
 			want:  []string{"http://198.18.0.1:2379"},
+		},
+		{
+			name:  "short lease TTL for tests, from loom's variable",
+			env:   map[string]string{"LOOM_SUBNET_LEASE_TTL": "6s"},
+			field: func(o Options) any { return o.SubnetLeaseTTL },
+			want:  6 * time.Second,
+		},
+		{
+			name:  "health server exposed on request",
+			args:  []string{"-healthz-ip=0.0.0.0"},
+			field: func(o Options) any { return o.HealthzIP },
+			want:  netip.MustParseAddr("0.0.0.0"),
 		},
 		{
 			name:  "one dash",
@@ -298,6 +311,11 @@ func TestErrors(t *testing.T) {
 			name: "healthz port out of range",
 			args: []string{"-healthz-port=70000"},
 			want: "-healthz-port 70000 is out of range: use 1 to 65535, or 0 to disable",
+		},
+		{
+			name: "lease TTL below etcd's minimum",
+			args: []string{"-subnet-lease-ttl=1s"},
+			want: "-subnet-lease-ttl 1s is shorter than etcd's minimum lease TTL: use 2s or more",
 		},
 		{
 			name: "healthz port not a number",

@@ -265,15 +265,18 @@ func (h *Held) lost(loss error) {
 // lost its data or was down past the TTL, another writer took the key),
 // Keep acquires again with Previous set to the lost subnet, so the node gets
 // the same subnet back when it is still free, and reports the result,
-// which may be a different subnet. Store errors are retried with backoff;
-// Keep returns early only for errors that retrying cannot fix
-// (ErrPublicIPInUse, lease.ErrNoFreeSubnet, ErrLeaseTakenOver, an invalid
-// request). When ctx
-// is done it closes the lease without releasing it, so a restarted agent
-// keeps its subnet, and returns ctx.Err(). onChange runs on Keep's
-// goroutine. Close the Registry only after Keep has returned.
+// which may be a different subnet: then it logs at error level which node
+// holds the old one and what to do about the node's pods. Store errors are
+// retried with backoff; Keep returns early only for errors that retrying
+// cannot fix (ErrPublicIPInUse, lease.ErrNoFreeSubnet, ErrLeaseTakenOver,
+// an invalid request). When ctx is done it closes the lease without
+// releasing it, so a restarted agent keeps its subnet, and returns
+// ctx.Err(). onChange runs on Keep's goroutine. Close the Registry only
+// after Keep has returned.
 func (r *Registry) Keep(ctx context.Context, req Request, onChange func(lease.Lease)) error {
 	var retry backoff
+	again := false // acquiring to replace a lost lease
+	defer r.setHeld(nil)
 	for {
 		h, err := r.Acquire(ctx, req)
 		if err != nil {
@@ -292,6 +295,8 @@ func (r *Registry) Keep(ctx context.Context, req Request, onChange func(lease.Le
 		}
 		retry.reset()
 		l := h.Lease()
+		r.setHeld(h)
+		r.reportChange(ctx, req, l, again)
 		if onChange != nil {
 			onChange(l)
 		}
@@ -310,8 +315,49 @@ func (r *Registry) Keep(ctx context.Context, req Request, onChange func(lease.Le
 			}
 			r.log.Warn("re-acquiring subnet lease", "node", req.NodeName, "previous", l.Key(), "why", h.Err())
 			req.Previous, req.PreviousV6 = l.Subnet, l.IPv6Subnet
+			again = true
 		}
 	}
+}
+
+// reportChange logs a lease that is not the subnet the node had before
+// (req.Previous: its subnet.env, or the lease it just lost), loudly: pods
+// made with addresses of the old subnet are cut off until they are made
+// again, and the CNI bridge keeps the old gateway until then. again says
+// the lease replaces a lost one, for loom_lease_reacquired_total.
+func (r *Registry) reportChange(ctx context.Context, req Request, l lease.Lease, again bool) {
+	hadPrevious := req.Previous.IsValid() || req.PreviousV6.IsValid()
+	changed := hadPrevious && (l.Subnet != req.Previous || l.IPv6Subnet != req.PreviousV6)
+	if again {
+		label := "same"
+		if changed {
+			label = "changed"
+		}
+		r.metrics.reacquired.WithLabelValues(label).Inc()
+	}
+	if !changed {
+		return
+	}
+	old := lease.MakeKey(req.Previous, req.PreviousV6)
+	holder := "nobody now (it did not fit the network config, or was reserved)"
+	if entries, _, err := r.list(ctx); err == nil {
+		for _, e := range entries {
+			if free([]lease.Lease{e.Lease}, req.Previous, req.PreviousV6) {
+				continue
+			}
+			holder = "node " + e.Attrs.NodeName
+			if e.Attrs.NodeName == "" {
+				holder = "a node without a name (flanneld) at " + e.Attrs.PublicIP.String()
+			}
+			if e.Reserved() {
+				holder = "a reservation for " + holder
+			}
+			break
+		}
+	}
+	r.log.Error("SUBNET CHANGED: the subnet this node had could not be taken back, so it holds a new one (subnet.env is rewritten with it). "+
+		"Pods created with addresses of the old subnet have no connectivity: delete and recreate them, and the cni0 bridge, which keeps the old gateway",
+		"node", req.NodeName, "old", old, "new", l.Key(), "old-subnet-held-by", holder)
 }
 
 // permanent reports whether retrying Acquire cannot help.

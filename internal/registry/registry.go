@@ -25,17 +25,24 @@ package registry
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
+	"net/url"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap/zapcore"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 
 	"github.com/loomnet/loom/internal/lease"
 	"github.com/loomnet/loom/internal/netconf"
@@ -48,6 +55,7 @@ const (
 	DefaultDialTimeout    = 5 * time.Second
 	DefaultRequestTimeout = 5 * time.Second
 	DefaultTTL            = 24 * time.Hour // flannel's subnet lease TTL
+	DefaultMonitorEvery   = 5 * time.Second
 
 	// probeEvery is how often a watch reads the store directly. A watch
 	// resumed against a store that lost its data (or was restored from an
@@ -63,6 +71,9 @@ const (
 	// etcd refuses pings more often than every 5 s (GRPCKeepAliveMinTime).
 	keepAliveTime    = 10 * time.Second
 	keepAliveTimeout = 5 * time.Second
+
+	// reconnectMaxDelay caps the wait between two attempts to reconnect.
+	reconnectMaxDelay = 5 * time.Second
 )
 
 // Config says how to reach the store.
@@ -78,6 +89,12 @@ type Config struct {
 	TTL            time.Duration // etcd lease TTL of a node's subnet; default 24h
 
 	Logger *slog.Logger // default slog.Default()
+	// Metrics, when set, receives the registry's collectors (store
+	// reachability, lease expiry, re-acquisitions, skipped leases) and
+	// turns on the reachability monitor, which reads the store every
+	// MonitorEvery (default 5s) and logs when it is lost and back.
+	Metrics      prometheus.Registerer
+	MonitorEvery time.Duration
 }
 
 // Registry is a connection to the subnet registry. Its methods are safe for
@@ -88,9 +105,20 @@ type Registry struct {
 	kv  clientv3.KV
 	cfg Config
 	log *slog.Logger
-	// probeEvery is the constant of that name; a field so a test of a
-	// store losing its data need not wait for it.
-	probeEvery time.Duration
+	// probeEvery and removeDelay are the constants of those names; fields
+	// so a test need not wait for them.
+	probeEvery   time.Duration
+	removeDelay  time.Duration
+	monitorEvery time.Duration // Config.MonitorEvery
+
+	tls     *tls.Config // nil without TLS; for explaining handshake failures
+	metrics *metrics
+	reach   reachability
+	stop    context.CancelFunc // stops the monitor
+	stopped chan struct{}      // closed when the monitor has returned
+
+	heldMu sync.Mutex // guards held
+	held   *Held      // the lease Keep holds now, for metrics
 
 	configKey string // <prefix>/config
 	subnets   string // <prefix>/subnets/
@@ -117,6 +145,9 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	if cfg.TTL <= 0 {
 		cfg.TTL = DefaultTTL
 	}
+	if cfg.MonitorEvery <= 0 {
+		cfg.MonitorEvery = DefaultMonitorEvery
+	}
 	if cfg.TTL < 2*time.Second {
 		return nil, fmt.Errorf("lease TTL %v is shorter than etcd's minimum of 2s", cfg.TTL)
 	}
@@ -140,9 +171,17 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		DialKeepAliveTime:    keepAliveTime,
 		DialKeepAliveTimeout: keepAliveTimeout,
 		PermitWithoutStream:  true,
-		TLS:                  tlsConfig,
-		Username:             cfg.Username,
-		Password:             cfg.Password,
+		// gRPC's own reconnect backoff grows to two minutes, so after a
+		// long partition the agent would find the store again only that
+		// long after it is back. Five seconds, jittered, is cheap even
+		// for a large fleet.
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           grpcbackoff.Config{BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: reconnectMaxDelay},
+			MinConnectTimeout: cfg.DialTimeout,
+		})},
+		TLS:      tlsConfig,
+		Username: cfg.Username,
+		Password: cfg.Password,
 		// Values of ctx pass on, its cancellation does not: the client must
 		// outlive a start-up context.
 		Context: context.WithoutCancel(ctx),
@@ -153,21 +192,46 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to etcd at %s: %w", strings.Join(cfg.Endpoints, ","), err)
 	}
-	return &Registry{
-		cli:        cli,
-		kv:         cli.KV,
-		cfg:        cfg,
-		log:        cfg.Logger,
-		probeEvery: probeEvery,
-		configKey:  cfg.Prefix + "/config",
-		subnets:    cfg.Prefix + "/subnets/",
-	}, nil
+	r := &Registry{
+		cli:          cli,
+		kv:           cli.KV,
+		cfg:          cfg,
+		log:          cfg.Logger,
+		probeEvery:   probeEvery,
+		monitorEvery: cfg.MonitorEvery,
+		removeDelay:  removeDelay,
+		tls:          tlsConfig,
+		configKey:    cfg.Prefix + "/config",
+		subnets:      cfg.Prefix + "/subnets/",
+		stopped:      make(chan struct{}),
+	}
+	r.metrics = r.newMetrics()
+	if cfg.Metrics != nil {
+		if err := r.metrics.register(cfg.Metrics); err != nil {
+			cli.Close()
+			return nil, err
+		}
+	}
+	mctx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	r.stop = stop
+	go func() {
+		defer close(r.stopped)
+		if cfg.Metrics != nil {
+			r.monitor(mctx)
+		}
+	}()
+	return r, nil
 }
 
-// Close closes the connection. Held leases are not released: their etcd
-// leases run out after the TTL unless an agent takes them over first. A
-// Held still open when the Registry closes reports its lease lost.
-func (r *Registry) Close() error { return r.cli.Close() }
+// Close stops the reachability monitor and closes the connection. Held
+// leases are not released: their etcd leases run out after the TTL unless
+// an agent takes them over first. A Held still open when the Registry
+// closes reports its lease lost.
+func (r *Registry) Close() error {
+	r.stop()
+	<-r.stopped
+	return r.cli.Close()
+}
 
 // SubnetKey is the etcd key of a subnet lease, e.g.
 // /coreos.com/network/subnets/10.244.1.0-24.
@@ -196,7 +260,7 @@ func (r *Registry) NetworkConfig(ctx context.Context) (netconf.Config, error) {
 	defer cancel()
 	resp, err := r.kv.Get(rctx, r.configKey)
 	if err != nil {
-		return netconf.Config{}, fmt.Errorf("read network config %s from etcd: %w", r.configKey, err)
+		return netconf.Config{}, fmt.Errorf("read network config %s from etcd: %w", r.configKey, r.explain(ctx, err))
 	}
 	if len(resp.Kvs) == 0 {
 		return netconf.Config{}, fmt.Errorf("network config %s is not in etcd: write it with "+
@@ -220,7 +284,7 @@ func (r *Registry) NetworkConfig(ctx context.Context) (netconf.Config, error) {
 // holders renew by keep-alive, so the remaining TTL is never far below the
 // full TTL while the holder lives. A reservation has the zero Expiration.
 func (r *Registry) List(ctx context.Context) (leases []lease.Lease, revision int64, err error) {
-	entries, revision, err := r.list(ctx)
+	entries, revision, err := r.listing(ctx, true)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -239,7 +303,12 @@ type entry struct {
 	hasName bool  // Attrs.NodeName set (a loom node, not flanneld)
 }
 
-func (r *Registry) list(ctx context.Context) ([]entry, int64, error) {
+func (r *Registry) list(ctx context.Context) ([]entry, int64, error) { return r.listing(ctx, false) }
+
+// listing lists the registry; count says whether entries that do not
+// decode are counted in loom_leases_skipped_total (listings for peers are,
+// listings for a claim are not, so a claim does not count them again).
+func (r *Registry) listing(ctx context.Context, count bool) ([]entry, int64, error) {
 	rctx, cancel := r.bounded(ctx)
 	defer cancel()
 	resp, err := r.kv.Get(rctx, r.subnets, clientv3.WithPrefix())
@@ -252,6 +321,9 @@ func (r *Registry) list(ctx context.Context) ([]entry, int64, error) {
 		e, err := r.decode(kv, now)
 		if err != nil {
 			r.log.Warn("skipping registry entry", "key", string(kv.Key), "err", err)
+			if count {
+				r.metrics.skipped.WithLabelValues(SkipUndecodable).Inc()
+			}
 			continue
 		}
 		entries = append(entries, e)
@@ -288,4 +360,60 @@ func (r *Registry) parseKey(key []byte) (v4, v6 netip.Prefix, err error) {
 		return v4, v6, fmt.Errorf("key %q is not a subnet key under %s", key, r.subnets)
 	}
 	return lease.ParseKey(name)
+}
+
+// explain adds the reason to a request that failed because no endpoint
+// could be reached over TLS. The etcd client retries a failed handshake
+// until the request's deadline and then reports only "context deadline
+// exceeded"; a wrong -etcd-cafile, or a server certificate without the
+// address the agent dials, then looks like a dead store. One handshake per
+// endpoint, made only after a failure and only with TLS on, names it.
+func (r *Registry) explain(ctx context.Context, err error) error {
+	if r.tls == nil || err == nil {
+		return err
+	}
+	var reasons []string
+	for _, ep := range r.cfg.Endpoints {
+		u, perr := url.Parse(ep)
+		if perr != nil || u.Host == "" {
+			continue
+		}
+		herr := r.handshake(ctx, u.Host)
+		var verr *tls.CertificateVerificationError
+		var rerr x509.HostnameError
+		switch {
+		case herr == nil:
+			continue
+		case errors.As(herr, &verr), errors.As(herr, &rerr):
+			reasons = append(reasons, fmt.Sprintf("%s: the server's certificate is not trusted (%v): check -etcd-cafile, and that the certificate names %s", ep, herr, u.Hostname()))
+		case strings.Contains(herr.Error(), "certificate"), strings.Contains(herr.Error(), "tls:"):
+			reasons = append(reasons, fmt.Sprintf("%s: TLS handshake failed (%v): check -etcd-certfile and -etcd-keyfile", ep, herr))
+		}
+	}
+	if len(reasons) == 0 {
+		return err
+	}
+	return fmt.Errorf("%w; %s", err, strings.Join(reasons, "; "))
+}
+
+// handshake makes one TLS handshake with host:port, as the etcd client
+// would: the same certificates, and the dialled address as server name.
+func (r *Registry) handshake(ctx context.Context, hostport string) error {
+	ctx, cancel := context.WithTimeout(ctx, min(r.cfg.DialTimeout, 2*time.Second))
+	defer cancel()
+	cfg := r.tls.Clone()
+	if cfg.ServerName == "" {
+		host, _, err := net.SplitHostPort(hostport)
+		if err != nil {
+			host = hostport
+		}
+		cfg.ServerName = host
+	}
+	cfg.NextProtos = []string{"h2"}
+	d := tls.Dialer{Config: cfg}
+	c, err := d.DialContext(ctx, "tcp", hostport)
+	if err != nil {
+		return err
+	}
+	return c.Close()
 }

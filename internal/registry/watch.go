@@ -22,6 +22,14 @@ var (
 	errStoreReset = errors.New("store revision went backwards")
 )
 
+// removeDelay is how long Watch holds back a lease's removal. A lease is
+// deleted and written again within milliseconds when an operator deletes a
+// node's key or revokes its etcd lease (the agent re-claims the subnet at
+// once), and peers must not drop their routes to it for that blink. A node
+// that is really gone only keeps its routes a few seconds longer, which
+// costs nothing: its traffic had nowhere to go anyway.
+const removeDelay = 5 * time.Second
+
 // Watch reports changes to the registry after fromRevision, given that the
 // caller's view at fromRevision is known (typically List's result). out
 // receives the events of each etcd watch response as one batch: Added for a
@@ -29,11 +37,18 @@ var (
 // expired one. A write that changes nothing a peer uses (a takeover by the
 // same node with the same attributes) is not reported.
 //
+// A removal is reported only after it has lasted removeDelay (5 s); a lease
+// written again with the same attributes meanwhile is not reported at all,
+// and with new attributes it is reported as Added at once.
+//
 // When the history Watch needs is compacted away, or the store turns out to
 // have lost its data (its revision went backwards, checked every 30 s), it
 // lists the registry again and reports the difference from what it knew,
-// so a removal in the gap still arrives as Removed. Broken watches are
-// re-opened with backoff.
+// so a removal in the gap still arrives as Removed. After a store lost its
+// data, removals wait two check intervals instead of removeDelay: every
+// agent notices within one and re-claims its subnet, so the leases come
+// back and peers never drop a route. Broken watches are re-opened with
+// backoff; removals due meanwhile wait until the store can be read again.
 // Watch returns only when ctx is done, with ctx.Err(). out is called from
 // Watch's goroutine, never concurrently.
 func (r *Registry) Watch(ctx context.Context, fromRevision int64, known []lease.Lease, out func([]lease.Event)) error {
@@ -41,47 +56,157 @@ func (r *Registry) Watch(ctx context.Context, fromRevision int64, known []lease.
 	for _, l := range known {
 		state[l.Key()] = l
 	}
+	d := newDamper(known, out)
+	defer d.stop()
 	pos := position{rev: fromRevision, seen: fromRevision}
 	var retry backoff
 	relist := false
+	grace := r.removeDelay // for the removals a re-listing finds
 	for {
 		if relist {
-			entries, lrev, err := r.list(ctx)
+			entries, lrev, err := r.listing(ctx, true)
 			if err != nil {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				d := retry.next()
-				r.log.Warn("re-listing subnet leases; retrying", "in", d, "err", err)
-				if sleep(ctx, d) != nil {
+				wait := retry.next()
+				r.log.Warn("re-listing subnet leases; retrying", "in", wait, "err", err)
+				if sleep(ctx, wait) != nil {
 					return ctx.Err()
 				}
 				continue
 			}
-			if evs := diff(state, entries); len(evs) > 0 {
-				out(evs)
-			}
+			d.send(time.Now(), diff(state, entries), grace)
 			pos, relist = position{rev: lrev, seen: lrev}, false
 		}
 
 		start := time.Now()
-		err := r.watchFrom(ctx, &pos, state, out)
+		err := r.watchFrom(ctx, &pos, state, d)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		if errors.Is(err, errCompacted) || errors.Is(err, errStoreReset) {
 			r.log.Info("re-listing subnet leases", "why", err, "revision", pos.rev)
-			relist = true
+			relist, grace = true, r.removeDelay
+			if errors.Is(err, errStoreReset) {
+				grace = max(2*r.probeEvery, r.removeDelay)
+			}
 			continue
 		}
 		if time.Since(start) > time.Minute {
 			retry.reset() // it worked for a while: this is a new failure
 		}
-		d := retry.next()
-		r.log.Warn("subnet watch broke; re-opening", "revision", pos.rev, "in", d, "err", err)
-		if sleep(ctx, d) != nil {
+		wait := retry.next()
+		r.log.Warn("subnet watch broke; re-opening", "revision", pos.rev, "in", wait, "err", err)
+		if sleep(ctx, wait) != nil {
 			return ctx.Err()
 		}
+	}
+}
+
+// damper stands between Watch and its caller: it holds removals back and
+// drops events that would not change what the caller was told.
+type damper struct {
+	out     func([]lease.Event)
+	told    map[string]lease.Lease // what the caller believes is in the registry
+	pending map[string]time.Time   // removals waiting, by key, with when they are due
+	timer   *time.Timer            // fires at the earliest due removal; nil until needed
+}
+
+func newDamper(known []lease.Lease, out func([]lease.Event)) *damper {
+	d := &damper{out: out, told: make(map[string]lease.Lease, len(known)), pending: map[string]time.Time{}}
+	for _, l := range known {
+		d.told[l.Key()] = l
+	}
+	return d
+}
+
+// send passes evs on, except that removals wait for delay.
+func (d *damper) send(now time.Time, evs []lease.Event, delay time.Duration) {
+	var pass []lease.Event
+	for _, ev := range evs {
+		key := ev.Lease.Key()
+		switch ev.Type {
+		case lease.Added:
+			delete(d.pending, key)
+			if old, ok := d.told[key]; ok && sameLease(old, ev.Lease) {
+				continue
+			}
+			d.told[key] = ev.Lease
+			pass = append(pass, ev)
+		case lease.Removed:
+			if _, ok := d.told[key]; !ok {
+				delete(d.pending, key)
+				continue
+			}
+			if delay <= 0 {
+				delete(d.told, key)
+				delete(d.pending, key)
+				pass = append(pass, ev)
+				continue
+			}
+			if due, ok := d.pending[key]; !ok || due.Before(now.Add(delay)) {
+				d.pending[key] = now.Add(delay)
+			}
+		}
+	}
+	if len(pass) > 0 {
+		d.out(pass)
+	}
+	d.arm(now)
+}
+
+// flush reports the removals that are due.
+func (d *damper) flush(now time.Time) {
+	var pass []lease.Event
+	for key, due := range d.pending {
+		if due.After(now) {
+			continue
+		}
+		delete(d.pending, key)
+		if l, ok := d.told[key]; ok {
+			delete(d.told, key)
+			pass = append(pass, lease.Event{Type: lease.Removed, Lease: l})
+		}
+	}
+	if len(pass) > 0 {
+		d.out(pass)
+	}
+	d.arm(now)
+}
+
+// arm sets the timer for the earliest pending removal.
+func (d *damper) arm(now time.Time) {
+	var first time.Time
+	for _, due := range d.pending {
+		if first.IsZero() || due.Before(first) {
+			first = due
+		}
+	}
+	if first.IsZero() {
+		if d.timer != nil {
+			d.timer.Stop()
+		}
+		return
+	}
+	if d.timer == nil {
+		d.timer = time.NewTimer(first.Sub(now))
+		return
+	}
+	d.timer.Reset(first.Sub(now))
+}
+
+// due fires when a removal may be due; nil (never ready) when none waits.
+func (d *damper) due() <-chan time.Time {
+	if d.timer == nil || len(d.pending) == 0 {
+		return nil
+	}
+	return d.timer.C
+}
+
+func (d *damper) stop() {
+	if d.timer != nil {
+		d.timer.Stop()
 	}
 }
 
@@ -95,7 +220,7 @@ type position struct {
 // and advancing pos, until the watch ends. It returns errCompacted when the
 // start revision is no longer in etcd's history, and errStoreReset when the
 // store shows a revision below one it showed before.
-func (r *Registry) watchFrom(ctx context.Context, pos *position, state map[string]lease.Lease, out func([]lease.Event)) error {
+func (r *Registry) watchFrom(ctx context.Context, pos *position, state map[string]lease.Lease, d *damper) error {
 	// RequireLeader: a member cut off from its cluster closes the watch
 	// instead of leaving it silent, and the re-open finds a healthy member.
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
@@ -107,6 +232,9 @@ func (r *Registry) watchFrom(ctx context.Context, pos *position, state map[strin
 		var wresp clientv3.WatchResponse
 		var ok bool
 		select {
+		case now := <-d.due():
+			d.flush(now)
+			continue
 		case <-probe.C:
 			// A store that lost its data resumes the watch silently (see
 			// probeEvery). This catches it unless the new store has already
@@ -155,6 +283,7 @@ func (r *Registry) watchFrom(ctx context.Context, pos *position, state map[strin
 			e, err := r.decode(ev.Kv, now)
 			if err != nil {
 				r.log.Warn("skipping registry entry", "key", key, "err", err)
+				r.metrics.skipped.WithLabelValues(SkipUndecodable).Inc()
 				// A known lease that no longer decodes is unusable to peers.
 				if old, ok := state[r.leaseKey(key)]; ok {
 					delete(state, old.Key())
@@ -173,7 +302,7 @@ func (r *Registry) watchFrom(ctx context.Context, pos *position, state map[strin
 		}
 		pos.seen = max(pos.seen, pos.rev, wresp.Header.Revision)
 		if len(evs) > 0 {
-			out(evs)
+			d.send(now, evs, r.removeDelay)
 		}
 	}
 	if err := ctx.Err(); err != nil {

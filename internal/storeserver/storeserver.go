@@ -21,6 +21,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.etcd.io/etcd/server/v3/etcdserver/api/v3client"
@@ -68,6 +69,12 @@ type Config struct {
 	Prefix string
 	// Logger receives etcd's warnings and errors; default slog.Default().
 	Logger *slog.Logger
+
+	// CertFile and KeyFile, when set, make the client listener serve TLS
+	// (Listen must then be an https URL). ClientCAFile, when set, makes it
+	// require a client certificate signed by that CA.
+	CertFile, KeyFile string
+	ClientCAFile      string
 }
 
 // Server is a running store.
@@ -235,6 +242,17 @@ func embedConfig(cfg Config, demote func(zapcore.Entry) bool) (*embed.Config, er
 	ec := embed.NewConfig()
 	ec.Name = cfg.Name
 	ec.Dir = cfg.DataDir
+	if (cfg.CertFile == "") != (cfg.KeyFile == "") {
+		return nil, errors.New("store TLS: give both the certificate and its key")
+	}
+	if cfg.ClientCAFile != "" && cfg.CertFile == "" {
+		return nil, errors.New("store TLS: client certificate authentication needs a server certificate and key")
+	}
+	if tls := cfg.CertFile != ""; tls != (client.Scheme == "https") {
+		return nil, fmt.Errorf("store listen URL %q: use https:// with a certificate and http:// without one", cfg.Listen)
+	}
+	ec.ClientTLSInfo = transport.TLSInfo{CertFile: cfg.CertFile, KeyFile: cfg.KeyFile, TrustedCAFile: cfg.ClientCAFile, ClientCertAuth: cfg.ClientCAFile != ""}
+	ec.ClientAutoTLS = false
 	ec.ListenClientUrls = []url.URL{*client}
 	ec.AdvertiseClientUrls = []url.URL{*client}
 	ec.ListenPeerUrls = []url.URL{*peer}

@@ -172,3 +172,24 @@ func TestStartNeedsDataDir(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// TLS settings that cannot work are refused before etcd starts.
+func TestTLSConfigRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		want string
+	}{
+		{name: "certificate on http", cfg: Config{Listen: "http://127.0.0.1:0", CertFile: "c.pem", KeyFile: "k.pem"}, want: "use https:// with a certificate"},
+		{name: "https without certificate", cfg: Config{Listen: "https://127.0.0.1:0"}, want: "use https:// with a certificate and http:// without one"},
+		{name: "certificate without key", cfg: Config{Listen: "https://127.0.0.1:0", CertFile: "c.pem"}, want: "give both the certificate and its key"},
+		{name: "client CA without certificate", cfg: Config{Listen: "http://127.0.0.1:0", ClientCAFile: "ca.pem"}, want: "needs a server certificate"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := embedConfig(withDefaults(tc.cfg), nil)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("embedConfig: %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+}
