@@ -33,27 +33,7 @@ import (
 var binDir string
 
 func TestMain(m *testing.M) {
-	os.Exit(runTests(m))
-}
-
-func runTests(m *testing.M) int {
-	if os.Geteuid() == 0 {
-		dir, err := os.MkdirTemp("", "loom-lab-bin-")
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 1
-		}
-		defer os.RemoveAll(dir)
-		for _, pkg := range []string{"loom", "loom-cni"} {
-			out, err := exec.Command("go", "build", "-o", filepath.Join(dir, pkg), "github.com/loomnet/loom/cmd/"+pkg).CombinedOutput()
-			if err != nil {
-				fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, out)
-				return 1
-			}
-		}
-		binDir = dir
-	}
-	return m.Run()
+	os.Exit(testnet.MainWithBinaries(m, func(dir string) { binDir = dir }))
 }
 
 func testLog(t *testing.T) *slog.Logger {
