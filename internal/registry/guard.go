@@ -38,18 +38,44 @@ import (
 // never reach the Guard: List and Watch skip and count them
 // (SkipUndecodable).
 type Guard struct {
-	r   *Registry
-	cfg netconf.Config
+	cfg       netconf.Config
+	anySubnet bool
+	onSkip    func(l lease.Lease, reason, detail string)
 
 	mu       sync.Mutex             // guards the maps
 	accepted map[string]lease.Lease // passed on, by key
 	held     map[string]lease.Lease // skipped only for overlapping an accepted lease
 }
 
+// GuardConfig says what a Guard accepts and whom it tells about a skip.
+type GuardConfig struct {
+	Network netconf.Config
+	// AnySubnet accepts a subnet of any length inside Network: in
+	// Kubernetes mode kube-controller-manager assigns the subnets (its
+	// --node-cidr-mask-size), not SubnetLen, SubnetMin and SubnetMax.
+	// Overlaps are still skipped.
+	AnySubnet bool
+	// OnSkip is called for every skipped lease (count it, log it with the
+	// fix for the store the lease came from).
+	OnSkip func(l lease.Lease, reason, detail string)
+}
+
+// NewGuard returns a screen for peer leases.
+func NewGuard(c GuardConfig) *Guard {
+	if c.OnSkip == nil {
+		c.OnSkip = func(lease.Lease, string, string) {}
+	}
+	return &Guard{cfg: c.Network, anySubnet: c.AnySubnet, onSkip: c.OnSkip, accepted: map[string]lease.Lease{}, held: map[string]lease.Lease{}}
+}
+
 // Guard returns a screen for peer leases under cfg, counting into the
-// registry's metrics and logging with its logger.
+// registry's metrics and logging with its logger and the etcdctl fix.
 func (r *Registry) Guard(cfg netconf.Config) *Guard {
-	return &Guard{r: r, cfg: cfg, accepted: map[string]lease.Lease{}, held: map[string]lease.Lease{}}
+	return NewGuard(GuardConfig{Network: cfg, OnSkip: func(l lease.Lease, reason, detail string) {
+		r.metrics.skipped.WithLabelValues(reason).Inc()
+		r.log.Warn("skipping peer lease: not programmed into the data path", "lease", l.String(), "reason", reason, "detail", detail,
+			"fix", "if this lease is not a node's, delete it: etcdctl del "+r.subnets+l.Key())
+	}})
 }
 
 // Filter returns the events that may reach the data path: Added for
@@ -134,7 +160,7 @@ func (g *Guard) check(l lease.Lease) (reason, detail string) {
 		}
 	}
 	slices.Sort(over)
-	if !lease.Fits(g.cfg, l.Subnet, l.IPv6Subnet) {
+	if !g.anySubnet && !lease.Fits(g.cfg, l.Subnet, l.IPv6Subnet) {
 		detail = fmt.Sprintf("not a subnet the network config hands out (SubnetLen %d between %s and %s)", g.cfg.SubnetLen, g.cfg.SubnetMin, g.cfg.SubnetMax)
 		if len(over) > 0 {
 			detail += "; it overlaps " + strings.Join(over, ", ")
@@ -185,11 +211,7 @@ func (g *Guard) badPublicIP(ip netip.Addr) string {
 	return ""
 }
 
-func (g *Guard) skip(l lease.Lease, reason, detail string) {
-	g.r.metrics.skipped.WithLabelValues(reason).Inc()
-	g.r.log.Warn("skipping peer lease: not programmed into the data path", "lease", l.String(), "reason", reason, "detail", detail,
-		"fix", "if this lease is not a node's, delete it: etcdctl del "+g.r.subnets+l.Key())
-}
+func (g *Guard) skip(l lease.Lease, reason, detail string) { g.onSkip(l, reason, detail) }
 
 // contains reports whether inner lies entirely inside outer.
 func contains(outer, inner netip.Prefix) bool {
