@@ -5,7 +5,7 @@ GO        ?= go
 BIN       := bin
 GOTESTFLAGS ?= -p 2 -timeout 40m
 
-.PHONY: all build deps lab lab-down test lint fuzz clean
+.PHONY: all build deps kube-bins lab lab-down test lint fuzz clean
 
 all: build
 
@@ -16,6 +16,15 @@ build:
 deps:
 	@scripts/deps.sh
 
+# kube-apiserver, kube-controller-manager and kubectl at the release pinned in
+# tools/kube/go.mod, for the Kubernetes-mode tests and lab. Built once (minutes)
+# into /var/cache/loom/kube/<kubernetes version>-<go version>, or
+# $LOOM_KUBE_BIN_DIR; later runs only check. The path formula lives in
+# scripts/kube-bins.sh and, the same, in kubecp.DefaultBinDir
+# (internal/kubecp/bins.go): change both together.
+kube-bins:
+	@GO=$(GO) scripts/kube-bins.sh
+
 lab: deps build
 	$(BIN)/loom lab down
 	$(BIN)/loom lab up
@@ -23,7 +32,7 @@ lab: deps build
 lab-down: build
 	$(BIN)/loom lab down --all
 
-test: deps
+test: deps kube-bins
 	@out=$$(gofmt -l cmd internal); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) test $(GOTESTFLAGS) ./...
