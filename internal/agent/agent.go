@@ -4,9 +4,13 @@
 //
 //	options ──► netconf.Config (etcd <prefix>/config or -net-config-path)
 //	iface.Select ──► underlay interface and public IP
-//	registry.Keep ──► own lease ──► subnet.env, backend.SetLocal
-//	registry.List + Watch ──► peer events ──► backend.Handle
+//	subnets.Keep ──► own lease ──► subnet.env, backend.SetLocal
+//	subnets.List + Watch ──► peer events ──► backend.Handle
 //	backend.Run: reconcile loop ◄── netlink events + periodic resync
+//
+// The subnets come from etcd (registry) or, with -kube-subnet-mgr, from the
+// Kubernetes API (kubesubnet: the Node's podCIDR, flannel's annotations);
+// everything else is one code path for both.
 //
 // On SIGTERM the context ends: the lease is closed without being released
 // and the kernel state stays, so pods keep working while the agent restarts
@@ -40,6 +44,7 @@ import (
 	"github.com/loomnet/loom/internal/firewall"
 	"github.com/loomnet/loom/internal/health"
 	"github.com/loomnet/loom/internal/iface"
+	"github.com/loomnet/loom/internal/kubesubnet"
 	"github.com/loomnet/loom/internal/lease"
 	"github.com/loomnet/loom/internal/netconf"
 	"github.com/loomnet/loom/internal/options"
@@ -69,9 +74,6 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 // Run is the agent. It returns nil when ctx ends, or the error that stopped it.
 func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	log.Info("starting", "version", version.String(), "node", opts.NodeName)
-	if opts.KubeSubnetMgr {
-		return errors.New("-kube-subnet-mgr: Kubernetes mode is not in this version of loom yet (issue #7); use etcd")
-	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if opts.Cleanup {
@@ -84,29 +86,11 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 
 	metrics := prometheus.NewRegistry()
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	reg, err := registry.New(ctx, registry.Config{
-		Endpoints:      opts.EtcdEndpoints,
-		Prefix:         opts.EtcdPrefix,
-		CertFile:       opts.EtcdCertFile,
-		KeyFile:        opts.EtcdKeyFile,
-		CAFile:         opts.EtcdCAFile,
-		Username:       opts.EtcdUsername,
-		Password:       opts.EtcdPassword,
-		DialTimeout:    opts.EtcdDialTimeout,
-		RequestTimeout: opts.EtcdRequestTimeout,
-		TTL:            opts.SubnetLeaseTTL,
-		Logger:         log,
-		Metrics:        metrics,
-	})
+	subnets, cfg, err := openSubnets(ctx, &opts, log, metrics)
 	if err != nil {
 		return err
 	}
-	defer reg.Close()
-
-	cfg, err := networkConfig(ctx, opts, reg, log)
-	if err != nil {
-		return err
-	}
+	defer subnets.Close()
 	ifc, err := iface.Select(iface.Config{
 		Ifaces:   opts.Iface,
 		Regexes:  opts.IfaceRegex,
@@ -168,7 +152,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	}
 	log.Info("firewall", "mode", fw.Mode(), "ip-masq", opts.IPMasq, "forward-rules", opts.IPTablesForwardRules)
 
-	a := &agent{opts: opts, cfg: cfg, log: log, be: be, fw: fw, mtu: dp.mtu, known: map[string]bool{}, guard: reg.Guard(cfg)}
+	a := &agent{opts: opts, cfg: cfg, log: log, be: be, fw: fw, mtu: dp.mtu, known: map[string]bool{}, guard: subnets.Guard(cfg)}
 	a.registerMetrics(metrics)
 	req := registry.Request{
 		NodeName: opts.NodeName,
@@ -201,7 +185,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	first := make(chan struct{})
 	var firstOnce sync.Once
 	wg.Go(func() {
-		err := reg.Keep(ctx, req, func(l lease.Lease) {
+		err := subnets.Keep(ctx, req, func(l lease.Lease) {
 			if err := a.setLease(l); err != nil {
 				errc <- err
 				return
@@ -236,7 +220,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	}
 	// The backend starts with every peer already known, so its first full
 	// sync (which makes /readyz green) programs routes to all of them.
-	leases, rev, err := a.listPeers(ctx, reg)
+	leases, rev, err := a.listPeers(ctx, subnets)
 	if err != nil {
 		return nil
 	}
@@ -254,7 +238,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		}
 	})
 	wg.Go(func() {
-		if err := reg.Watch(ctx, rev, leases, a.deliver); err != nil && ctx.Err() == nil {
+		if err := subnets.Watch(ctx, rev, leases, a.deliver); err != nil && ctx.Err() == nil {
 			errc <- fmt.Errorf("watch peers: %w", err)
 		}
 	})
@@ -344,7 +328,7 @@ func (a *agent) subnetFileReady() error {
 
 // listPeers lists the registry and hands every peer to the backend,
 // retrying until it succeeds or ctx ends (then it returns ctx's error).
-func (a *agent) listPeers(ctx context.Context, reg *registry.Registry) ([]lease.Lease, int64, error) {
+func (a *agent) listPeers(ctx context.Context, reg subnetManager) ([]lease.Lease, int64, error) {
 	for {
 		leases, rev, err := reg.List(ctx)
 		if err == nil {
@@ -415,12 +399,129 @@ func gateway(p netip.Prefix) netip.Prefix {
 	return netip.PrefixFrom(p.Addr().Next(), p.Bits())
 }
 
+// subnetManager is where the node's subnet and its peers' come from: the
+// etcd registry (*registry.Registry) or the Kubernetes API
+// (*kubesubnet.Manager). Keep holds the node's subnet and reports each
+// lease it gets; List and Watch report every node's lease (the own one
+// included), Watch relative to List's result; Guard screens what they
+// report before it reaches the data path.
+type subnetManager interface {
+	Keep(ctx context.Context, req registry.Request, onLease func(lease.Lease)) error
+	List(ctx context.Context) ([]lease.Lease, int64, error)
+	Watch(ctx context.Context, fromRevision int64, known []lease.Lease, out func([]lease.Event)) error
+	Guard(cfg netconf.Config) *registry.Guard
+	Close() error
+}
+
+// openSubnets connects to the subnet store -kube-subnet-mgr chooses and
+// reads the network config. In Kubernetes mode it may also fill in the
+// node's name (from its pod, as in kube-flannel.yml) and public addresses
+// (the Node's node-public-ip annotations, as flanneld honours them) in
+// opts.
+func openSubnets(ctx context.Context, opts *options.Options, log *slog.Logger, metrics *prometheus.Registry) (subnetManager, netconf.Config, error) {
+	if opts.KubeSubnetMgr {
+		return openKube(ctx, opts, log, metrics)
+	}
+	reg, err := registry.New(ctx, registry.Config{
+		Endpoints:      opts.EtcdEndpoints,
+		Prefix:         opts.EtcdPrefix,
+		CertFile:       opts.EtcdCertFile,
+		KeyFile:        opts.EtcdKeyFile,
+		CAFile:         opts.EtcdCAFile,
+		Username:       opts.EtcdUsername,
+		Password:       opts.EtcdPassword,
+		DialTimeout:    opts.EtcdDialTimeout,
+		RequestTimeout: opts.EtcdRequestTimeout,
+		TTL:            opts.SubnetLeaseTTL,
+		Logger:         log,
+		Metrics:        metrics,
+	})
+	if err != nil {
+		return nil, netconf.Config{}, err
+	}
+	cfg, err := networkConfig(ctx, *opts, reg, log)
+	if err != nil {
+		reg.Close()
+		return nil, netconf.Config{}, err
+	}
+	return reg, cfg, nil
+}
+
+// kubeSubnets is the Kubernetes subnet manager with the client it owns.
+type kubeSubnets struct {
+	*kubesubnet.Manager
+	client *kubesubnet.Client
+}
+
+func (k kubeSubnets) Close() error {
+	err := k.Manager.Close()
+	return errors.Join(err, k.client.Close())
+}
+
+func openKube(ctx context.Context, opts *options.Options, log *slog.Logger, metrics *prometheus.Registry) (subnetManager, netconf.Config, error) {
+	// In Kubernetes mode the network config is a file (the DaemonSet
+	// mounts net-conf.json from its ConfigMap), as in flanneld.
+	cfg, err := networkConfig(ctx, *opts, nil, log)
+	if err != nil {
+		return nil, netconf.Config{}, err
+	}
+	client, err := kubesubnet.NewClient(kubesubnet.ClientConfig{
+		KubeconfigFile: opts.KubeconfigFile,
+		APIURL:         opts.KubeAPIURL,
+		Logger:         log,
+		Metrics:        metrics,
+	})
+	if err != nil {
+		return nil, netconf.Config{}, err
+	}
+	if opts.NodeNameFromHostname && opts.PodName != "" && opts.PodNamespace != "" {
+		name, err := client.NodeOfPod(ctx, opts.PodNamespace, opts.PodName)
+		if err != nil {
+			client.Close()
+			return nil, netconf.Config{}, err
+		}
+		log.Info("node name from this agent's pod", "node", name, "pod", opts.PodNamespace+"/"+opts.PodName)
+		opts.NodeName = name
+	}
+	mgr, err := kubesubnet.New(kubesubnet.Config{
+		Client:           client,
+		NodeName:         opts.NodeName,
+		Network:          cfg,
+		NetConfigPath:    opts.NetConfigPath,
+		AnnotationPrefix: opts.KubeAnnotationPrefix,
+		Logger:           log,
+		Metrics:          metrics,
+	})
+	if err != nil {
+		client.Close()
+		return nil, netconf.Config{}, err
+	}
+	k := kubeSubnets{Manager: mgr, client: client}
+	v4, v6, err := mgr.NodePublicIPs(ctx)
+	if err != nil {
+		k.Close()
+		return nil, netconf.Config{}, err
+	}
+	if v4.IsValid() {
+		log.Info("public IP from the Node's annotation, in place of -public-ip", "annotation", opts.KubeAnnotationPrefix+"node-public-ip", "public-ip", v4)
+		opts.PublicIP = v4
+	}
+	if v6.IsValid() {
+		log.Info("public IPv6 from the Node's annotation, in place of -public-ipv6", "annotation", opts.KubeAnnotationPrefix+"node-public-ipv6", "public-ipv6", v6)
+		opts.PublicIPv6 = v6
+	}
+	return k, cfg, nil
+}
+
 // networkConfig reads the network configuration from the file named by
-// -net-config-path when it was given, else from etcd.
+// -net-config-path when it was given or in Kubernetes mode, else from etcd.
 func networkConfig(ctx context.Context, opts options.Options, reg *registry.Registry, log *slog.Logger) (netconf.Config, error) {
-	if opts.NetConfigPathSet {
+	if opts.NetConfigPathSet || opts.KubeSubnetMgr {
 		data, err := os.ReadFile(opts.NetConfigPath)
 		if err != nil {
+			if opts.KubeSubnetMgr {
+				return netconf.Config{}, fmt.Errorf("read the network config (-net-config-path; in kube mode the DaemonSet mounts net-conf.json from its ConfigMap): %w", err)
+			}
 			return netconf.Config{}, fmt.Errorf("read -net-config-path: %w", err)
 		}
 		cfg, err := netconf.Parse(data)

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -62,5 +63,36 @@ func TestBackendNotYetAvailable(t *testing.T) {
 	_, err = newBackend(cfg, iface.Iface{Name: "eth0", Index: 1, MTU: 1500}, options.Options{}, nil, nil)
 	if err == nil || !strings.Contains(err.Error(), `"wireguard"`) || !strings.Contains(err.Error(), `"vxlan"`) {
 		t.Fatalf("error %v, want one naming wireguard and the vxlan fix", err)
+	}
+}
+
+// In Kubernetes mode the network config is always the file (the DaemonSet
+// mounts net-conf.json), by default flannel's path, even when
+// -net-config-path was not given.
+func TestKubeModeReadsNetConfFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "net-conf.json")
+	if err := os.WriteFile(path, []byte(`{"Network":"10.244.0.0/16"}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := networkConfig(context.Background(), options.Options{KubeSubnetMgr: true, NetConfigPath: path}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Network != netip.MustParsePrefix("10.244.0.0/16") || cfg.Backend.Type != netconf.BackendVXLAN {
+		t.Fatalf("parsed %+v", cfg)
+	}
+}
+
+// Kubernetes mode is no longer refused: a missing net-conf.json is the
+// first thing it meets, and the error says where the file comes from.
+func TestKubeModeMissingNetConf(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "net-conf.json")
+	opts, err := options.Parse([]string{"-kube-subnet-mgr", "-net-config-path", missing, "-node-name", "n1"}, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = Run(context.Background(), opts, slog.New(slog.DiscardHandler))
+	if err == nil || !strings.Contains(err.Error(), missing) || !strings.Contains(err.Error(), "ConfigMap") {
+		t.Fatalf("Run: %v, want an error naming %s and the ConfigMap", err, missing)
 	}
 }

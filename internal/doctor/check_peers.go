@@ -33,11 +33,14 @@ func checkPublicIP(f *Facts) Result {
 		}
 		problems = append(problems, fmt.Sprintf("%s is already the public IP of node %s (lease %s): two nodes cannot share one address (the Vagrant NAT trap: every VM has 10.0.2.15)",
 			u.PublicIP, nodeOf(l), l.Key()))
-		ev = append(ev, fmt.Sprintf("%s%s: PublicIP %s, node %s", f.subnetsPrefix(), l.Key(), l.Attrs.PublicIP, nodeOf(l)))
+		ev = append(ev, fmt.Sprintf("%s: PublicIP %s", f.leaseRef(l), l.Attrs.PublicIP))
 	}
-	if haveOwn && own.Attrs.PublicIP.IsValid() && own.Attrs.PublicIP != u.PublicIP {
+	switch {
+	case haveOwn && f.publicIPOverridden(own.Attrs.PublicIP):
+		ev = append(ev, fmt.Sprintf("peers send to %s: the operator's %s%s annotation", own.Attrs.PublicIP, f.Kube.Prefix, annPublicIPOver))
+	case haveOwn && own.Attrs.PublicIP.IsValid() && own.Attrs.PublicIP != u.PublicIP:
 		problems = append(problems, fmt.Sprintf("this node's lease advertises %s but the flags choose %s", own.Attrs.PublicIP, u.PublicIP))
-		ev = append(ev, fmt.Sprintf("%s%s: PublicIP %s", f.subnetsPrefix(), own.Key(), own.Attrs.PublicIP))
+		ev = append(ev, fmt.Sprintf("%s: PublicIP %s", f.leaseRef(own), own.Attrs.PublicIP))
 	}
 	var viaOther []string
 	checked := 0
@@ -89,16 +92,24 @@ func checkPeerLiveness(f *Facts) Result {
 	var dead, ev []string
 	var cmds []string
 	for _, p := range f.Peers {
-		line := fmt.Sprintf("%s %s (lease %s): %s after %s", nodeOf(p.Lease), p.Target, p.Lease.Key(), p.Answer, p.Took.Round(10*time.Microsecond))
+		where := "lease " + p.Lease.Key()
+		if f.kube() {
+			where = "podCIDR " + p.Lease.Subnet.String()
+		}
+		line := fmt.Sprintf("%s %s (%s): %s after %s", nodeOf(p.Lease), p.Target, where, p.Answer, p.Took.Round(10*time.Microsecond))
 		ev = append(ev, line)
 		if !p.Alive {
 			dead = append(dead, fmt.Sprintf("%s (%s)", nodeOf(p.Lease), p.Target.Addr()))
-			cmds = append(cmds, f.etcdctl("del "+f.subnetsPrefix()+p.Lease.Key()))
+			cmds = append(cmds, f.forgetPeer(p.Lease))
 		}
 	}
 	if len(dead) > 0 {
+		what := "delete its lease so the subnet is free and peers drop the route"
+		if f.kube() {
+			what = "delete its Node so peers drop the route and its podCIDR is free"
+		}
 		return warn(fmt.Sprintf("no answer from %s: %s; traffic to their pods is lost", plural(len(dead), "peer"), strings.Join(dead, ", ")),
-			"bring the nodes back; if one is gone for good, delete its lease so the subnet is free and peers drop the route: "+strings.Join(cmds, "; "), ev...)
+			"bring the nodes back; if one is gone for good, "+what+": "+strings.Join(cmds, "; "), ev...)
 	}
 	return ok(fmt.Sprintf("%s answer%s", plural(len(f.Peers), "peer"), verbS(len(f.Peers))), ev...)
 }
@@ -112,7 +123,7 @@ func checkDatapath(f *Facts) Result {
 	if f.Underlay.Err != nil {
 		return skip("needs the underlay interface (see %s)", CheckPublicIP)
 	}
-	if own, found := f.ownLease(); found && own.Attrs.PublicIP.IsValid() && own.Attrs.PublicIP != f.Underlay.PublicIP {
+	if own, found := f.ownLease(); found && own.Attrs.PublicIP.IsValid() && own.Attrs.PublicIP != f.Underlay.PublicIP && !f.publicIPOverridden(own.Attrs.PublicIP) {
 		return skip("the flags choose %s but the agent's lease advertises %s: judged by %s", f.Underlay.PublicIP, own.Attrs.PublicIP, CheckPublicIP)
 	}
 	bt := f.backendType()
@@ -125,6 +136,11 @@ func checkDatapath(f *Facts) Result {
 	for _, l := range f.peerLeases() {
 		if !l.Subnet.IsValid() || !l.Attrs.PublicIP.IsValid() || l.Attrs.PublicIP == f.Underlay.PublicIP {
 			continue // IPv6-only, or sharing our address (see public-ip)
+		}
+		if f.kube() && !f.sameBackend(l) {
+			// The backend skips it; kube-annotations names it.
+			ev = append(ev, fmt.Sprintf("%s %s: runs %s, not routed (see %s)", nodeOf(l), l.Subnet, l.Attrs.BackendType, CheckKubeAnnotations))
+			continue
 		}
 		peers++
 		got, err := want(f, l)

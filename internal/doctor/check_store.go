@@ -15,8 +15,8 @@ import (
 // loss or a careless `etcdctl del --prefix`; agents re-claim their subnets
 // only when they restart.
 func checkStore(f *Facts) Result {
-	if f.Opts.KubeSubnetMgr {
-		return skip("-kube-subnet-mgr: the registry is the Kubernetes API (not checked by this version)")
+	if f.kube() {
+		return checkKubeAPI(f)
 	}
 	s := f.Store
 	where := fmt.Sprintf("-etcd-endpoints %s, -etcd-prefix %s", strings.Join(s.Endpoints, ","), s.Prefix)
@@ -27,7 +27,7 @@ func checkStore(f *Facts) Result {
 			append([]string{where}, s.Dials...)...)
 	}
 	ev := []string{where, fmt.Sprintf("%d leases at revision %d (read in %s)", len(s.Leases), s.Revision, s.Took.Round(1e6))}
-	if s.ConfigErr != nil && !f.Opts.NetConfigPathSet {
+	if s.ConfigErr != nil && !configFromFile(f.Opts) {
 		return fail("network config missing or invalid in the store", fixConfig(f), append(ev, s.ConfigErr.Error())...)
 	}
 	if len(s.Leases) == 0 {
@@ -53,8 +53,21 @@ func fixConfig(f *Facts) string {
 // changed under running agents: masquerade and forward rules are written
 // for one CIDR while pods sit in another.
 func checkNetworkVsLease(f *Facts) Result {
+	if f.Config == nil && configFromFile(f.Opts) && f.ConfigErr != nil {
+		// The agent exits at start without it.
+		where := ""
+		if f.kube() {
+			where = " (the DaemonSet mounts it from net-conf.json of the loom-config ConfigMap)"
+		}
+		return fail(fmt.Sprintf("the network config %s is unreadable: %v", f.Opts.NetConfigPath, f.ConfigErr),
+			fmt.Sprintf(`write %s%s with the cluster's pod CIDR as Network, e.g. {"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}, or point -net-config-path at it`,
+				f.Opts.NetConfigPath, where), "-net-config-path "+f.Opts.NetConfigPath)
+	}
 	if f.Config == nil {
 		return skip("no network config to compare with (see %s)", CheckStore)
+	}
+	if f.kube() {
+		return checkPodCIDRVsNetwork(f)
 	}
 	cfgNet := f.Config.Network
 	if !cfgNet.IsValid() {
@@ -73,7 +86,7 @@ func checkNetworkVsLease(f *Facts) Result {
 	}
 	own, haveOwn := f.ownLease()
 	if haveOwn && own.Subnet.IsValid() {
-		ev = append(ev, fmt.Sprintf("lease %s%s (node %s)", f.subnetsPrefix(), own.Key(), f.Node))
+		ev = append(ev, f.leaseRef(own))
 		sameAsEnv := f.SubnetEnv.Env != nil && own.Subnet == f.SubnetEnv.Env.Subnet.Masked()
 		if !cfgNet.Contains(own.Subnet.Addr()) && !sameAsEnv {
 			problems = append(problems, fmt.Sprintf("this node's lease %s is outside Network %s", own.Subnet, cfgNet))
@@ -95,7 +108,7 @@ func checkNetworkVsLease(f *Facts) Result {
 	fix := fmt.Sprintf("use one pod CIDR everywhere (kubeadm's --pod-network-cidr, the network config's Network, subnet.env): "+
 		"either put Network back to %s: %s; or, to move to %s, restart every agent (each takes a lease inside it and rewrites subnet.env) "+
 		"and re-create the pods", runNet, f.etcdctl(fmt.Sprintf("put %s/config '%s'", f.Store.Prefix, configWithNetwork(*f.Config, runNet))), cfgNet)
-	if f.Opts.NetConfigPathSet {
+	if configFromFile(f.Opts) {
 		fix = fmt.Sprintf("use one pod CIDR everywhere: set Network in %s to the cluster's pod network (%s) and restart the agent", f.Opts.NetConfigPath, runNet)
 		if f.Store.Config != nil {
 			fix = fmt.Sprintf("use one pod CIDR everywhere: %s says Network %s, the store says %s; make them equal and restart the agent",
@@ -122,11 +135,16 @@ func checkSubnetEnv(f *Facts) Result {
 	e := s.Env
 	ev := []string{fmt.Sprintf("%s (written %s): FLANNEL_NETWORK=%s FLANNEL_SUBNET=%s FLANNEL_MTU=%d FLANNEL_IPMASQ=%t",
 		s.Path, s.ModTime.Format("2006-01-02 15:04:05"), e.Network, e.Subnet, e.MTU, e.IPMasq)}
-	if f.Opts.KubeSubnetMgr || !f.Store.Listed() {
+	if !f.Store.Listed() {
 		return Result{Status: OK, Summary: "subnet.env is readable (not compared with the registry: " + unreachableWhy(f) + ")", Evidence: ev}
 	}
 	own, haveOwn := f.ownLease()
 	restart := "restart the agent: it writes subnet.env from the lease it holds"
+	if !haveOwn && f.kube() {
+		// No Node, no podCIDR, or one of no enabled family: the agent
+		// waits, and store or network-vs-lease says why.
+		return Result{Status: OK, Summary: fmt.Sprintf("subnet.env is readable (node %s has no usable podCIDR to compare with: see %s)", f.Node, CheckNetworkLease), Evidence: ev}
+	}
 	if !haveOwn {
 		if len(f.Store.Leases) == 0 {
 			return Result{Status: OK, Summary: "subnet.env is readable (registry empty: see " + CheckStore + ")", Evidence: ev}
@@ -135,7 +153,7 @@ func checkSubnetEnv(f *Facts) Result {
 			restart+" (it re-claims "+e.Subnet.Masked().String()+" if still free); if the lease expired while the node was away, its subnet may now be another node's",
 			ev...)
 	}
-	ev = append(ev, fmt.Sprintf("lease %s%s (node %s)", f.subnetsPrefix(), own.Key(), f.Node))
+	ev = append(ev, f.leaseRef(own))
 	var problems []string
 	if e.Subnet.Masked() != own.Subnet {
 		problems = append(problems, fmt.Sprintf("subnet.env says %s, the node's lease is %s: new pods get addresses peers route elsewhere", e.Subnet, own.Subnet))
@@ -151,8 +169,8 @@ func checkSubnetEnv(f *Facts) Result {
 
 // unreachableWhy says why registry comparisons were skipped.
 func unreachableWhy(f *Facts) string {
-	if f.Opts.KubeSubnetMgr {
-		return "Kubernetes mode"
+	if f.kube() {
+		return "Kubernetes API unreadable, see " + CheckStore
 	}
 	return "store unreachable, see " + CheckStore
 }

@@ -25,7 +25,6 @@ func TestCheckStore(t *testing.T) {
 			f.Store.Config, f.Store.ConfigErr = nil, errors.New("not in etcd")
 			f.Opts.NetConfigPathSet = true
 		}, want: OK},
-		{name: "kube mode", change: func(f *Facts) { f.Opts.KubeSubnetMgr = true }, want: Skip, in: "Kubernetes"},
 	})
 }
 
@@ -58,6 +57,10 @@ func TestCheckNetworkVsLease(t *testing.T) {
 			f.Opts.NetConfigPathSet, f.Opts.NetConfigPath = true, "/etc/kube-flannel/net-conf.json"
 		}, want: Fail, in: "file /etc/kube-flannel/net-conf.json: Network 10.224.0.0/16", fix: "the store says 10.244.0.0/16"},
 		{name: "no config", change: func(f *Facts) { f.Config = nil }, want: Skip},
+		{name: "net-config-path unreadable", change: func(f *Facts) {
+			f.Config, f.ConfigErr = nil, errors.New("open /etc/loom/net-conf.json: permission denied")
+			f.Opts.NetConfigPathSet, f.Opts.NetConfigPath = true, "/etc/loom/net-conf.json"
+		}, want: Fail, in: "/etc/loom/net-conf.json is unreadable: open /etc/loom/net-conf.json: permission denied", fix: "write /etc/loom/net-conf.json"},
 	})
 }
 

@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/loomnet/loom/internal/lease"
+	"github.com/loomnet/loom/internal/netconf"
 )
 
 // Conclusions several checks draw from the same facts.
@@ -46,7 +47,7 @@ func (f *Facts) peerLeases() []lease.Lease {
 // registry was read and holds one, else what subnet.env says.
 func (f *Facts) currentSubnet() (netip.Prefix, string) {
 	if l, ok := f.ownLease(); ok && l.Subnet.IsValid() {
-		return l.Subnet, fmt.Sprintf("registry lease %s%s", f.subnetsPrefix(), l.Key())
+		return l.Subnet, f.leaseRef(l)
 	}
 	if e := f.SubnetEnv.Env; e != nil && e.Subnet.IsValid() {
 		return e.Subnet.Masked(), fmt.Sprintf("%s: FLANNEL_SUBNET=%s", f.SubnetEnv.Path, e.Subnet)
@@ -73,6 +74,53 @@ func (f *Facts) backendType() string {
 		return ""
 	}
 	return f.Config.Backend.Type
+}
+
+// kube reports whether the agent runs in Kubernetes mode: the registry is
+// the API server's Nodes.
+func (f *Facts) kube() bool { return f.Opts.KubeSubnetMgr }
+
+// leaseRef names a lease and where it lives, for evidence: its etcd key,
+// or in Kubernetes mode its Node.
+func (f *Facts) leaseRef(l lease.Lease) string {
+	if f.kube() {
+		var cidrs []string
+		for _, p := range []netip.Prefix{l.Subnet, l.IPv6Subnet} {
+			if p.IsValid() {
+				cidrs = append(cidrs, p.String())
+			}
+		}
+		return fmt.Sprintf("Node %s podCIDR %s", l.Attrs.NodeName, strings.Join(cidrs, ","))
+	}
+	return fmt.Sprintf("lease %s%s (node %s)", f.subnetsPrefix(), l.Key(), nodeOf(l))
+}
+
+// forgetPeer is the command that makes every node forget a dead peer: its
+// lease deleted from etcd, or its Node from the API.
+func (f *Facts) forgetPeer(l lease.Lease) string {
+	if f.kube() {
+		return "kubectl delete node " + l.Attrs.NodeName
+	}
+	return f.etcdctl("del " + f.subnetsPrefix() + l.Key())
+}
+
+// sameBackend reports whether this node's backend programs a route to l:
+// every backend skips peers of another type (flannel's udp writes none).
+func (f *Facts) sameBackend(l lease.Lease) bool {
+	mine, theirs := f.backendType(), l.Attrs.BackendType
+	return theirs == mine || (theirs == "" && mine == netconf.BackendUDP) || mine == ""
+}
+
+// publicIPOverridden reports whether ip is this node's public address by
+// the operator's choice (the public-ip-overwrite annotation of its Node):
+// then the address peers use differs from the interface's on purpose.
+func (f *Facts) publicIPOverridden(ip netip.Addr) bool {
+	n := f.Kube.Node
+	if !f.kube() || n == nil {
+		return false
+	}
+	over, err := annotationAddr(*n, f.Kube.Prefix+annPublicIPOver, false)
+	return err == nil && over.IsValid() && over == ip
 }
 
 func (f *Facts) subnetsPrefix() string {

@@ -15,9 +15,12 @@
 // and /proc/sys, the firewall with `nft -j list ruleset` and `iptables-save`,
 // files with open(O_RDONLY) (the IPAM store through ipam.Store.List, which
 // takes the lock shared and creates nothing), the registry with two range
-// requests, the agent with one GET, peers with one TCP connect each (an RST
-// is an answer too). A lab test compares route, link, address, neighbour and
-// rule dumps and the etcd revision before and after a run.
+// requests (in Kubernetes mode: GET and LIST of Nodes and the server's
+// version, nothing else), the agent with one GET, peers with one TCP
+// connect each (an RST is an answer too). A lab test compares route, link,
+// address, neighbour and rule dumps and the etcd revision before and after
+// a run; a test against a real kube-apiserver runs doctor as a user allowed
+// only to get and list Nodes and compares the Nodes' resourceVersions.
 //
 // Bounded: every network read has a deadline (--timeout, 2 s by default), and
 // reads run in parallel, so a dead store or peer costs one timeout, not one
@@ -90,32 +93,37 @@ type check struct {
 
 // Check names, as printed and as --json carries them.
 const (
-	CheckStore          = "store"
-	CheckNetworkLease   = "network-vs-lease"
-	CheckSubnetEnv      = "subnet-env"
-	CheckCNIConfig      = "cni-config"
-	CheckCNI0Address    = "cni0-address"
-	CheckIPForward      = "ip-forward"
-	CheckBridgeNF       = "bridge-nf"
-	CheckPublicIP       = "public-ip"
-	CheckPeerLiveness   = "peer-liveness"
-	CheckDatapath       = "datapath"
-	CheckMTU            = "mtu"
-	CheckMasquerade     = "masquerade"
-	CheckForward        = "forward"
-	CheckIPAMUsage      = "ipam-usage"
-	CheckIPAMLeak       = "ipam-leak"
-	CheckAgentReady     = "agent-ready"
-	maxEvidencePerCheck = 12
+	CheckStore                  = "store"
+	CheckNetworkLease           = "network-vs-lease"
+	CheckKubeAnnotations        = "kube-annotations"
+	CheckKubeNetworkUnavailable = "kube-network-unavailable"
+	CheckSubnetEnv              = "subnet-env"
+	CheckCNIConfig              = "cni-config"
+	CheckCNI0Address            = "cni0-address"
+	CheckIPForward              = "ip-forward"
+	CheckBridgeNF               = "bridge-nf"
+	CheckPublicIP               = "public-ip"
+	CheckPeerLiveness           = "peer-liveness"
+	CheckDatapath               = "datapath"
+	CheckMTU                    = "mtu"
+	CheckMasquerade             = "masquerade"
+	CheckForward                = "forward"
+	CheckIPAMUsage              = "ipam-usage"
+	CheckIPAMLeak               = "ipam-leak"
+	CheckAgentReady             = "agent-ready"
+	maxEvidencePerCheck         = 12
 )
 
 // checks lists every check in the order the report prints them: the store
-// and the configuration first (everything else depends on them), then the
-// kernel, then pods, then the agent.
+// and the configuration first (everything else depends on them; the kube-
+// checks say SKIP outside Kubernetes mode), then the kernel, then pods,
+// then the agent.
 func checks() []check {
 	return []check{
 		{CheckStore, checkStore},
 		{CheckNetworkLease, checkNetworkVsLease},
+		{CheckKubeAnnotations, checkKubeAnnotations},
+		{CheckKubeNetworkUnavailable, checkKubeNetworkUnavailable},
 		{CheckSubnetEnv, checkSubnetEnv},
 		{CheckCNIConfig, checkCNIConfig},
 		{CheckCNI0Address, checkCNI0Address},
@@ -131,6 +139,12 @@ func checks() []check {
 		{CheckIPAMLeak, checkIPAMLeak},
 		{CheckAgentReady, checkAgentReady},
 	}
+}
+
+// KubeOnlyChecks names the checks that apply in Kubernetes mode only
+// (-kube-subnet-mgr); elsewhere they say SKIP "not in Kubernetes mode".
+func KubeOnlyChecks() []string {
+	return []string{CheckKubeAnnotations, CheckKubeNetworkUnavailable}
 }
 
 // Names returns the names of every check, in report order.

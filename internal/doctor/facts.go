@@ -21,12 +21,18 @@ type Facts struct {
 	ArgsSource string          // where Opts came from: "command line", "running agent (pid 812)"
 
 	// Config is the network config the agent runs with: the file named by
-	// -net-config-path when that flag is set, else the store's.
+	// -net-config-path when that flag is set or in Kubernetes mode, else
+	// the store's.
 	Config     *netconf.Config
 	ConfigFrom string // "etcd /coreos.com/network/config", "file /etc/kube-flannel/net-conf.json"
 	ConfigErr  error
 
+	// Store is the registry. In Kubernetes mode it is filled from Kube:
+	// the API server's reachability, and the leases the agent reads from
+	// the Nodes (this node's podCIDR, and every peer Node's podCIDR and
+	// annotations), so the checks of peers work in both modes.
 	Store     StoreFacts
+	Kube      KubeFacts // Kubernetes mode only
 	SubnetEnv SubnetEnvFacts
 	Underlay  UnderlayFacts
 	Kernel    KernelFacts
@@ -39,6 +45,10 @@ type Facts struct {
 
 // StoreFacts is what the registry holds.
 type StoreFacts struct {
+	// Kube says the registry is the Kubernetes API (the Nodes), not etcd:
+	// Endpoints then holds the API server's URL, Prefix is empty and
+	// Config nil (the config is a file).
+	Kube      bool
 	Endpoints []string
 	Prefix    string
 	// Err is set when the registry could not be listed: the store is
@@ -56,7 +66,61 @@ type StoreFacts struct {
 }
 
 // Listed reports whether the registry was read.
-func (s StoreFacts) Listed() bool { return s.Err == nil && s.Prefix != "" }
+func (s StoreFacts) Listed() bool { return s.Err == nil && (s.Prefix != "" || s.Kube) }
+
+// KubeFacts is what the Kubernetes API says about this node and its peers
+// (-kube-subnet-mgr), read with GET and LIST only.
+type KubeFacts struct {
+	Server  string // the API server's URL, as the client connects to it
+	Via     string // where the connection config came from: "-kubeconfig-file /x", "in-cluster config"
+	Version string // the API server's version, "" when unread
+	Prefix  string // the annotation prefix, normalised: "flannel.alpha.coreos.com/"
+	// NodeFrom says how this node's name was found: "-node-name",
+	// "pod kube-flannel/loom-x (POD_NAMESPACE/POD_NAME)".
+	NodeFrom string
+	// Err is set when the API could not be read: no client config, the
+	// server unreachable, credentials refused, Nodes not listable.
+	Err error
+	// Dials says what a plain TCP connect to the server gave, when Err is set.
+	Dials []string
+	// Node is this node's Node; nil when NodeErr or Err is set.
+	Node    *KubeNode
+	NodeErr error // this node's Node could not be read (not registered, forbidden)
+	// Peers is every other Node, by name.
+	Peers []KubeNode
+	Took  time.Duration
+}
+
+// KubeNode is one Node as the agent sees it.
+type KubeNode struct {
+	Name            string
+	ResourceVersion string
+	// PodCIDRs is spec.podCIDRs, or spec.podCIDR when only that is set
+	// (a Node written by hand); empty when no pod CIDR was assigned.
+	PodCIDRs []string
+	// Annotations holds the Node's annotations under the prefix (the
+	// agent's and flanneld's), by full key.
+	Annotations map[string]string
+	// NetworkUnavailable is the Node's condition of that type; nil when
+	// the Node has none.
+	NetworkUnavailable *KubeCondition
+	// Lease is what the agent reads from the Node: for this node its
+	// podCIDR (with the annotations' attributes, when present), for a peer
+	// its podCIDR and annotations. LeaseErr says why there is none.
+	Lease    lease.Lease
+	LeaseErr error
+}
+
+// HasPodCIDR reports whether the Node was given a pod CIDR.
+func (n KubeNode) HasPodCIDR() bool { return len(n.PodCIDRs) > 0 }
+
+// KubeCondition is one Node condition.
+type KubeCondition struct {
+	Status             string // "True", "False", "Unknown"
+	Reason             string
+	Message            string
+	LastTransitionTime time.Time
+}
 
 // SubnetEnvFacts is the agent's subnet.env.
 type SubnetEnvFacts struct {

@@ -69,12 +69,24 @@ func (c *Config) defaults() {
 // Gather reads the node in the current network namespace. It never fails:
 // what it cannot read is recorded in the facts. It never writes.
 func Gather(ctx context.Context, cfg Config) *Facts {
+	nodeGiven := cfg.Node != ""
 	cfg.defaults()
 	f := &Facts{Node: cfg.Node, Opts: cfg.Opts, ArgsSource: cfg.ArgsSource}
+	kube := cfg.Opts.KubeSubnetMgr
+
+	// The config file first: Kubernetes mode reads the Nodes with it.
+	if configFromFile(cfg.Opts) {
+		f.Config, f.ConfigFrom, f.ConfigErr = readConfigFile(cfg.Opts)
+	}
 
 	// Phase 1: independent reads, in parallel.
 	var wg sync.WaitGroup
-	wg.Go(func() { f.Store = gatherStore(ctx, cfg) })
+	node := f.Node
+	if kube {
+		wg.Go(func() { f.Kube, node = gatherKube(ctx, cfg, f.Config, nodeGiven) })
+	} else {
+		wg.Go(func() { f.Store = gatherStore(ctx, cfg) })
+	}
 	wg.Go(func() { f.Kernel = gatherKernel() })
 	wg.Go(func() { f.SubnetEnv = gatherSubnetEnv(cfg.Opts.SubnetFile) })
 	wg.Go(func() {
@@ -85,32 +97,40 @@ func Gather(ctx context.Context, cfg Config) *Facts {
 	wg.Go(func() { f.Firewall = gatherFirewall(ctx, cfg) })
 	wg.Wait()
 
-	f.Config, f.ConfigFrom, f.ConfigErr = networkConfig(cfg, f.Store)
+	opts := cfg.Opts
+	if kube {
+		f.Node = node
+		f.Store = kubeStore(f.Kube)
+		opts = kubeOptions(opts, f.Kube)
+	} else if !configFromFile(cfg.Opts) {
+		f.Config, f.ConfigFrom, f.ConfigErr = f.Store.Config, "etcd "+f.Store.Prefix+"/config", f.Store.ConfigErr
+	}
 
 	// Phase 2: what depends on the config and the registry.
-	f.Underlay = gatherUnderlay(cfg.Opts, f.Config)
+	f.Underlay = gatherUnderlay(opts, f.Config)
 	wg.Go(func() { f.Kernel.Lookups = gatherLookups(f) })
 	wg.Go(func() { f.Peers = probePeers(ctx, cfg, f) })
 	wg.Wait()
 	return f
 }
 
-// networkConfig is the config the agent uses: -net-config-path's file when
-// the flag is set, else the store's.
-func networkConfig(cfg Config, s StoreFacts) (*netconf.Config, string, error) {
-	if cfg.Opts.NetConfigPathSet {
-		from := "file " + cfg.Opts.NetConfigPath
-		data, err := os.ReadFile(cfg.Opts.NetConfigPath)
-		if err != nil {
-			return nil, from, err
-		}
-		c, err := netconf.Parse(data)
-		if err != nil {
-			return nil, from, fmt.Errorf("%s: %w", cfg.Opts.NetConfigPath, err)
-		}
-		return &c, from, nil
+// configFromFile says whether the agent reads its network config from
+// -net-config-path: always in Kubernetes mode (the DaemonSet mounts
+// net-conf.json from its ConfigMap), and with etcd when the flag is given.
+func configFromFile(o options.Options) bool { return o.KubeSubnetMgr || o.NetConfigPathSet }
+
+// readConfigFile reads -net-config-path's file.
+func readConfigFile(o options.Options) (*netconf.Config, string, error) {
+	from := "file " + o.NetConfigPath
+	data, err := os.ReadFile(o.NetConfigPath)
+	if err != nil {
+		return nil, from, err
 	}
-	return s.Config, "etcd " + s.Prefix + "/config", s.ConfigErr
+	c, err := netconf.Parse(data)
+	if err != nil {
+		return nil, from, fmt.Errorf("%s: %w", o.NetConfigPath, err)
+	}
+	return &c, from, nil
 }
 
 // gatherUnderlay chooses the interface exactly as the agent would.

@@ -24,6 +24,9 @@ OK, WARN, FAIL or SKIP with the evidence read and the fix. Read-only.
 The agent's flags (and FLANNELD_*/LOOM_* variables) are read exactly as
 the agent reads them. With no agent flag given, doctor takes the command
 line and environment of the agent running in this network namespace, if any.
+With -kube-subnet-mgr the registry is the Kubernetes API, reached with the
+agent's -kubeconfig-file or -kube-api-url (else the in-cluster config), and
+read with GET and LIST of Nodes only.
 
 Exit status: 0 all OK, 1 warnings, 2 failures.
 

@@ -51,10 +51,15 @@ func (r Report) WriteText(w io.Writer) error {
 	fmt.Fprintf(&b, "loom doctor: node %s (agent flags from %s), %d checks in %s: %d OK, %d WARN, %d FAIL, %d SKIP\n\n",
 		r.Node, r.ArgsSource, len(r.Results), r.Took.Round(time.Millisecond),
 		r.Counts["OK"], r.Counts["WARN"], r.Counts["FAIL"], r.Counts["SKIP"])
+	// One column for the check names, as wide as the longest.
+	col := 16
 	for _, res := range r.Results {
-		fmt.Fprintf(&b, "%-4s  %-16s  %s\n", res.Status, res.Check, res.Summary)
+		col = max(col, len(res.Check))
+	}
+	for _, res := range r.Results {
+		fmt.Fprintf(&b, "%-4s  %-*s  %s\n", res.Status, col, res.Check, res.Summary)
 		for _, e := range res.Evidence {
-			fmt.Fprintf(&b, "      %-16s  | %s\n", "", e)
+			fmt.Fprintf(&b, "      %-*s  | %s\n", col, "", e)
 		}
 		if res.Fix != "" {
 			for i, line := range strings.Split(res.Fix, "\n") {
@@ -62,7 +67,7 @@ func (r Report) WriteText(w io.Writer) error {
 				if i == 0 {
 					label = "fix:"
 				}
-				fmt.Fprintf(&b, "      %-16s  %s\n", label, line)
+				fmt.Fprintf(&b, "      %-*s  %s\n", col, label, line)
 			}
 		}
 	}

@@ -36,8 +36,16 @@ type scenario struct {
 	expect map[string]doctor.Status
 	// firewall marks the scenarios that need the agent's firewall rules.
 	firewall bool
-	run      func(ctx context.Context, b *breaker) error
+	// datastore is the only --datastore the scenario makes sense with:
+	// "etcd" for faults of the etcd registry, "kube" for faults of the
+	// Kubernetes API's objects; "" for faults of the node, in both.
+	datastore string
+	run       func(ctx context.Context, b *breaker) error
 }
+
+// fits reports whether the scenario can be injected into a lab running
+// datastore.
+func (s scenario) fits(datastore string) bool { return s.datastore == "" || s.datastore == datastore }
 
 // vagrantNAT is the address every node's nat0 gets in vagrant-nat: one
 // address on every machine, like VirtualBox NAT's 10.0.2.15, but inside
@@ -46,10 +54,10 @@ var vagrantNAT = netip.MustParsePrefix("198.19.2.15/24")
 
 func scenarios() []scenario {
 	return []scenario{
-		{name: "cidr-mismatch", node: "n1", expect: fails(doctor.CheckNetworkLease),
+		{name: "cidr-mismatch", datastore: "etcd", node: "n1", expect: fails(doctor.CheckNetworkLease),
 			doc: "the store's Network is changed (10.224.0.0/16, kubeadm's --pod-network-cidr typo) under running agents, whose leases and rules are for 10.244.0.0/16",
 			run: breakCIDR},
-		{name: "cni0-stale", node: "n1", expect: fails(doctor.CheckCNI0Address),
+		{name: "cni0-stale", datastore: "etcd", node: "n1", expect: fails(doctor.CheckCNI0Address),
 			doc: "n1 comes back on another subnet (its lease was lost while it was away) and cni0 keeps the old gateway",
 			run: breakCNI0},
 		{name: "ip-forward-off", node: "n1", expect: fails(doctor.CheckIPForward),
@@ -58,17 +66,17 @@ func scenarios() []scenario {
 		{name: "bridge-nf-off", node: "n1", expect: map[string]doctor.Status{doctor.CheckBridgeNF: doctor.Warn},
 			doc: "br_netfilter loaded but net.bridge.bridge-nf-call-iptables=0 on n1 (kube-proxy misses same-node pod traffic)",
 			run: breakBridgeNF},
-		{name: "vagrant-nat", node: "n2", expect: fails(doctor.CheckPublicIP, doctor.CheckAgentReady),
+		{name: "vagrant-nat", datastore: "etcd", node: "n2", expect: fails(doctor.CheckPublicIP, doctor.CheckAgentReady),
 			doc: "every node has nat0 with the same address " + vagrantNAT.String() + "; n1's agent uses it, n2's agent is restarted with --iface nat0 and refused",
 			run: breakVagrant},
-		{name: "store-down", node: "n1", expect: fails(doctor.CheckStore),
+		{name: "store-down", datastore: "etcd", node: "n1", expect: fails(doctor.CheckStore),
 			doc: "the store is stopped", run: func(_ context.Context, b *breaker) error { return b.stopStore() }},
-		{name: "empty-registry", node: "n1", expect: fails(doctor.CheckStore, doctor.CheckAgentReady),
+		{name: "empty-registry", datastore: "etcd", node: "n1", expect: fails(doctor.CheckStore, doctor.CheckAgentReady),
 			doc: "etcd loses its subnet keys while the agents are down", run: breakRegistry},
 		{name: "peer-down", node: "n1", expect: map[string]doctor.Status{doctor.CheckPeerLiveness: doctor.Warn},
 			doc: "n2 loses power: its agent dies without a word and its cable is pulled; its lease stays for 24 h",
 			run: breakPeer},
-		{name: "subnet-env-stale", node: "n1", expect: fails(doctor.CheckSubnetEnv, doctor.CheckAgentReady),
+		{name: "subnet-env-stale", datastore: "etcd", node: "n1", expect: fails(doctor.CheckSubnetEnv, doctor.CheckAgentReady),
 			doc: "another tool (a leftover flanneld) rewrites n1's subnet.env with another subnet",
 			run: breakSubnetEnv},
 		{name: "ipam-leak", node: "n1", expect: map[string]doctor.Status{doctor.CheckIPAMLeak: doctor.Warn},
@@ -94,6 +102,18 @@ func scenarios() []scenario {
 		{name: "forward-drop", node: "n1", expect: fails(doctor.CheckForward), firewall: true,
 			doc: "Docker sets iptables' FORWARD policy to DROP on n1, whose agent runs with -iptables-forward-rules=false (older flanneld installed no forward rules)",
 			run: breakForward},
+		{name: "kube-cidr-mismatch", datastore: "kube", node: "n1", expect: fails(doctor.CheckNetworkLease, doctor.CheckAgentReady),
+			doc: "n1's agent is restarted with a net-conf.json whose Network (" + kubeMismatchNetwork.String() + ") does not contain its podCIDR (kubeadm's --pod-network-cidr and the ConfigMap disagree): it exits",
+			run: breakKubeCIDR},
+		{name: "kube-no-podcidr", datastore: "kube", node: "n1", expect: fails(doctor.CheckNetworkLease, doctor.CheckAgentReady),
+			doc: "kube-controller-manager runs without --allocate-node-cidrs (stopped here) and n1 registers again: its Node has no podCIDR and its agent waits",
+			run: breakKubeNoPodCIDR},
+		{name: "kube-annotations-missing", datastore: "kube", node: "n1", expect: map[string]doctor.Status{doctor.CheckKubeAnnotations: doctor.Warn},
+			doc: "n2's agent is stopped and someone removes the flannel annotations from its Node: the peers drop n2",
+			run: breakKubeAnnotations},
+		{name: "kube-network-unavailable", datastore: "kube", node: "n1", expect: fails(doctor.CheckKubeNetworkUnavailable, doctor.CheckAgentReady),
+			doc: "n1's agent is stopped and its Node's NetworkUnavailable condition is True (as a cloud route controller or a new node leaves it)",
+			run: breakKubeNetworkUnavailable},
 	}
 }
 
@@ -118,7 +138,11 @@ func Scenarios() []string {
 func ScenarioHelp() string {
 	var b strings.Builder
 	for _, s := range scenarios() {
-		fmt.Fprintf(&b, "  %-20s %s (doctor on %s)\n", s.name, s.doc, s.node)
+		only := ""
+		if s.datastore != "" {
+			only = ", --datastore " + s.datastore + " only"
+		}
+		fmt.Fprintf(&b, "  %-24s %s (doctor on %s%s)\n", s.name, s.doc, s.node, only)
 	}
 	return b.String()
 }
@@ -139,6 +163,10 @@ func (l *Lab) Break(ctx context.Context, name string) error {
 	sc, err := findScenario(name)
 	if err != nil {
 		return err
+	}
+	if !sc.fits(l.Opts.Datastore) {
+		return fmt.Errorf("scenario %s needs a lab with --datastore %s, and lab %s runs --datastore %s: pick another scenario (`loom lab break` lists them) or bring up a lab with `loom lab up --datastore %s`",
+			name, sc.datastore, l.Opts.Name, l.Opts.Datastore, sc.datastore)
 	}
 	if st, err := l.loadBreak(); err == nil {
 		return fmt.Errorf("lab %s is already broken (%s): run `loom lab heal --name %s` first", l.Opts.Name, st.Scenario, l.Opts.Name)

@@ -218,7 +218,8 @@ const leakPod = "n1-leak"
 
 func breakLeak(ctx context.Context, b *breaker) error {
 	l := b.l
-	p, err := l.AddPod(ctx, "n1", leakPod)
+	// The runtime crashed before it told the API: no Pod object either.
+	p, err := l.addPodNet(ctx, "n1", leakPod)
 	if err != nil {
 		return err
 	}

@@ -47,6 +47,9 @@ const (
 	opCNIDel       = "cni-del"       // CNI DEL of pod namespace Value on node Key
 	opIPAMRelease  = "ipam-release"  // release the attachments listed in Data on node Key
 	opIPTPolicy    = "ipt-policy"    // set iptables filter chain Key's policy to Value in NS
+
+	opStartControlPlane = "start-control-plane" // start what is down of the Kubernetes control plane
+	opRecreatePods      = "recreate-pods"       // delete and re-create node Key's pods, last (its subnet may have moved)
 )
 
 // Heal undoes what Break recorded, last change first, restarts every agent
@@ -62,11 +65,16 @@ func (l *Lab) Heal(ctx context.Context) error {
 		return err
 	}
 	restart := map[string]bool{}
+	var recreate []string
 	var errs []error
 	for i := len(st.Undo) - 1; i >= 0; i-- {
 		u := st.Undo[i]
-		if u.Op == opRestartAgent {
+		switch u.Op {
+		case opRestartAgent:
 			restart[u.Key] = true
+			continue
+		case opRecreatePods:
+			recreate = append(recreate, u.Key)
 			continue
 		}
 		if err := l.undo(ctx, u); err != nil {
@@ -83,6 +91,12 @@ func (l *Lab) Heal(ctx context.Context) error {
 		if err := l.startStore(); err != nil {
 			errs = append(errs, err)
 		} else if err := l.waitStore(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	// Agents wait for their podCIDR, which needs the controller manager.
+	if l.Kube != nil {
+		if err := l.StartControlPlane(ctx); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -106,6 +120,11 @@ func (l *Lab) Heal(ctx context.Context) error {
 	}
 	if err := l.WaitConverged(ctx); err != nil {
 		return fmt.Errorf("heal %s: %w", st.Scenario, err)
+	}
+	for _, node := range recreate {
+		if err := l.recreatePods(ctx, node); err != nil {
+			return fmt.Errorf("heal %s: %w", st.Scenario, err)
+		}
 	}
 	if err := os.Remove(l.breakPath()); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
@@ -156,8 +175,8 @@ func (l *Lab) undo(ctx context.Context, u undoStep) error {
 		return err
 	case opStopAgent:
 		return l.StopAgent(u.Key, syscall.SIGTERM)
-	case opStartStore:
-		return nil // Heal starts the store whenever it is down
+	case opStartStore, opStartControlPlane:
+		return nil // Heal starts the store and the control plane whenever they are down
 	case opCNIDel:
 		return l.cniDel(ctx, u.Key, u.Value)
 	case opIPAMRelease:
@@ -180,6 +199,29 @@ func (l *Lab) undo(ctx context.Context, u undoStep) error {
 		return runIn(ctx, u.NS, "iptables", "-t", "filter", "-P", u.Key, u.Value)
 	}
 	return fmt.Errorf("unknown undo operation %q", u.Op)
+}
+
+// recreatePods deletes node's pods and makes them again under their names,
+// as a kubelet re-creates sandboxes after its node moved to another
+// subnet: the new ones get addresses of the node's current subnet.
+func (l *Lab) recreatePods(ctx context.Context, node string) error {
+	n, err := l.Node(node)
+	if err != nil {
+		return err
+	}
+	var names []string
+	for _, p := range n.Pods {
+		names = append(names, p.Name)
+	}
+	for _, name := range names {
+		if err := l.DelPod(ctx, name); err != nil {
+			return err
+		}
+		if _, err := l.AddPod(ctx, node, name); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // cniDel calls CNI DEL for a pod whose namespace is gone, as a runtime's

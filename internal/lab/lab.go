@@ -21,6 +21,10 @@
 // nodes on br1 (198.18.1.0/24), so nodes are no longer all on one link.
 // With --store cluster, a 3-member etcd cluster with TLS runs in namespaces
 // loom-a-s1..s3 on br0 (198.18.0.2-4) instead of loom store (cluster.go).
+// With --datastore kube, the router also runs kube-apiserver (on
+// 198.18.0.1:6443, its etcd the loom store on the router's 127.0.0.1) and
+// kube-controller-manager, the agents run with --kube-subnet-mgr, and the
+// lab stands in for the kubelets: Node and Pod objects (kube.go).
 //
 // Everything the lab owns is found by name (namespaces loom-<lab>-*, state
 // under /run/loom/<lab>/, processes by the namespace they run in), so `down`
@@ -37,6 +41,10 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/loomnet/loom/internal/kubecp"
 )
 
 // Defaults and fixed parts of the address plan (DESIGN.md §5).
@@ -69,6 +77,10 @@ type Options struct {
 	Firewall  string // auto | nftables | iptables, passed to every agent
 	Store     string // embedded | cluster
 	Datastore string // etcd | kube
+	// ClusterCIDR is kube-controller-manager's --cluster-cidr with
+	// --datastore kube: the range node podCIDRs are carved from. Default
+	// the lab's Network, as kubeadm's --pod-network-cidr makes it.
+	ClusterCIDR netip.Prefix `json:",omitzero"`
 	// BinDir holds the loom and loom-cni binaries. Default: the directory
 	// of the running executable.
 	BinDir string
@@ -125,8 +137,8 @@ func (o *Options) Validate() error {
 	if o.Datastore == "" {
 		o.Datastore = "etcd"
 	}
-	if o.Datastore != "etcd" {
-		return fmt.Errorf("--datastore %s: not yet (issue #7 brings Kubernetes mode); use etcd", o.Datastore)
+	if err := o.validateDatastore(); err != nil {
+		return err
 	}
 	if o.BinDir == "" {
 		exe, err := os.Executable()
@@ -139,6 +151,42 @@ func (o *Options) Validate() error {
 		if _, err := os.Stat(filepath.Join(o.BinDir, bin)); err != nil {
 			return fmt.Errorf("binary %s not found in %s: run `make build` first (or pass --bin-dir)", bin, o.BinDir)
 		}
+	}
+	return nil
+}
+
+// validateDatastore checks --datastore and what depends on it.
+func (o *Options) validateDatastore() error {
+	switch o.Datastore {
+	case "etcd":
+		if o.ClusterCIDR.IsValid() {
+			return fmt.Errorf("--cluster-cidr %s: only with --datastore kube (kube-controller-manager assigns podCIDRs from it); drop it or add --datastore kube", o.ClusterCIDR)
+		}
+		return nil
+	case "kube":
+	default:
+		return fmt.Errorf("--datastore %q: use etcd (agents lease subnets in the store) or kube (a Kubernetes control plane assigns podCIDRs)", o.Datastore)
+	}
+	if o.Store != "embedded" {
+		return fmt.Errorf("--datastore kube with --store %s: kube-apiserver keeps its data in the lab's loom store; use --store embedded", o.Store)
+	}
+	if !o.ClusterCIDR.IsValid() {
+		o.ClusterCIDR = netip.MustParsePrefix(network)
+	}
+	cidr := o.ClusterCIDR
+	switch {
+	case !cidr.Addr().Is4():
+		return fmt.Errorf("--cluster-cidr %s: the lab's pods are IPv4; use an IPv4 range such as %s", cidr, network)
+	case cidr != cidr.Masked():
+		return fmt.Errorf("--cluster-cidr %s has host bits set; use %s", cidr, cidr.Masked())
+	case cidr.Bits() > kubecp.DefaultNodeCIDRMaskSize:
+		return fmt.Errorf("--cluster-cidr %s: too small for /%d node podCIDRs; use a /%d or larger range such as %s",
+			cidr, kubecp.DefaultNodeCIDRMaskSize, kubecp.DefaultNodeCIDRMaskSize, network)
+	case cidr.Overlaps(netip.MustParsePrefix(kubecp.DefaultServiceCIDR)):
+		return fmt.Errorf("--cluster-cidr %s overlaps the Service range %s; use %s", cidr, kubecp.DefaultServiceCIDR, network)
+	}
+	if _, err := kubecp.FindBins(); err != nil {
+		return fmt.Errorf("--datastore kube: %w", err)
 	}
 	return nil
 }
@@ -165,7 +213,11 @@ type Lab struct {
 	Store netip.AddrPort // client address of the embedded store
 	// Members are the etcd cluster's members with --store cluster.
 	Members []Member `json:",omitempty"`
-	Nodes   []Node
+	// Kube is the Kubernetes control plane with --datastore kube.
+	Kube  *KubeState `json:",omitempty"`
+	Nodes []Node
+
+	kube kubernetes.Interface // admin client of Kube, made on first use
 }
 
 func (l *Lab) dir() string             { return filepath.Join(StateRoot, l.Opts.Name) }

@@ -53,7 +53,11 @@ func upLab(t *testing.T, o Options) *Lab {
 	t.Helper()
 	testnet.RequireRoot(t)
 	o.BinDir = binDir
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	timeout := 3 * time.Minute
+	if o.Datastore == "kube" {
+		timeout = 5 * time.Minute // and a Kubernetes control plane to start
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	_ = Down(o.Name) // a previous crashed run of this test
 	l, err := Up(ctx, o, testLog(t))

@@ -23,7 +23,13 @@ func TestOptionsValidate(t *testing.T) {
 		{name: "unknown backend", opts: Options{Backend: "ipip"}, want: `--backend "ipip": unknown`},
 		{name: "unknown firewall", opts: Options{Firewall: "pf"}, want: `--firewall "pf"`},
 		{name: "bad underlay", opts: Options{Underlay: "mesh"}, want: `--underlay "mesh"`},
-		{name: "kube not yet", opts: Options{Datastore: "kube"}, want: "--datastore kube: not yet"},
+		{name: "unknown datastore", opts: Options{Datastore: "consul"}, want: `--datastore "consul": use etcd`},
+		{name: "kube on the etcd cluster", opts: Options{Datastore: "kube", Store: "cluster"}, want: "--datastore kube with --store cluster: kube-apiserver keeps its data in the lab's loom store; use --store embedded"},
+		{name: "cluster cidr without kube", opts: Options{ClusterCIDR: netip.MustParsePrefix("10.244.0.0/16")}, want: "--cluster-cidr 10.244.0.0/16: only with --datastore kube"},
+		{name: "cluster cidr IPv6", opts: Options{Datastore: "kube", ClusterCIDR: netip.MustParsePrefix("fd00::/48")}, want: "--cluster-cidr fd00::/48: the lab's pods are IPv4"},
+		{name: "cluster cidr too small", opts: Options{Datastore: "kube", ClusterCIDR: netip.MustParsePrefix("10.244.0.0/25")}, want: "--cluster-cidr 10.244.0.0/25: too small for /24 node podCIDRs"},
+		{name: "cluster cidr host bits", opts: Options{Datastore: "kube", ClusterCIDR: netip.MustParsePrefix("10.244.1.0/16")}, want: "has host bits set; use 10.244.0.0/16"},
+		{name: "cluster cidr on services", opts: Options{Datastore: "kube", ClusterCIDR: netip.MustParsePrefix("10.96.0.0/16")}, want: "overlaps the Service range 10.96.0.0/12"},
 		{name: "unknown store", opts: Options{Store: "consul"}, want: `--store "consul": use embedded (loom store) or cluster`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -130,5 +136,58 @@ func TestClusterPlan(t *testing.T) {
 		if !strings.Contains(args, want) {
 			t.Errorf("agent args lack %q: %s", want, args)
 		}
+	}
+}
+
+// In Kubernetes mode the agents run as the DaemonSet runs them: the
+// manifest's ServiceAccount, net-conf.json, and not one etcd flag.
+func TestKubeAgentArgs(t *testing.T) {
+	l := &Lab{Opts: Options{Name: "k", Firewall: "auto", Datastore: "kube"}, Kube: &KubeState{AgentKubeconfig: "/run/loom/k/kube/users/agent.kubeconfig"}}
+	args := strings.Join(l.AgentArgs("n2"), " ")
+	for _, want := range []string{"agent --node-name n2 --kube-subnet-mgr --kubeconfig-file /run/loom/k/kube/users/agent.kubeconfig --net-config-path /run/loom/k/net-conf.json", "--iface eth0", "--subnet-file /run/loom/k/n2/subnet.env", "--state-dir /run/loom/k/n2"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("agent args lack %q: %s", want, args)
+		}
+	}
+	if strings.Contains(args, "--etcd") {
+		t.Errorf("agent args in Kubernetes mode name etcd: %s", args)
+	}
+	_, user, err := manifestRBAC()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if user.Name != "system:serviceaccount:loom:loom" || strings.Join(user.Groups, ",") != "system:serviceaccounts,system:serviceaccounts:loom" {
+		t.Errorf("agent user %+v, want the manifest's ServiceAccount loom/loom in its groups", user)
+	}
+}
+
+// Every scenario says where it applies, and the Kubernetes ones are
+// refused in an etcd lab with the fix.
+func TestScenarioDatastores(t *testing.T) {
+	kube := 0
+	for _, sc := range scenarios() {
+		switch sc.datastore {
+		case "kube":
+			kube++
+			if !strings.HasPrefix(sc.name, "kube-") {
+				t.Errorf("scenario %s is for Kubernetes labs only but not named kube-*", sc.name)
+			}
+		case "", "etcd":
+		default:
+			t.Errorf("scenario %s: datastore %q", sc.name, sc.datastore)
+		}
+	}
+	if kube != 4 {
+		t.Errorf("%d Kubernetes scenarios, want 4", kube)
+	}
+	l := &Lab{Opts: Options{Name: "zz", Datastore: "etcd"}}
+	err := l.Break(t.Context(), "kube-no-podcidr")
+	if err == nil || !strings.Contains(err.Error(), "scenario kube-no-podcidr needs a lab with --datastore kube, and lab zz runs --datastore etcd") {
+		t.Fatalf("Break(kube-no-podcidr) in an etcd lab = %v", err)
+	}
+	l.Opts.Datastore = "kube"
+	err = l.Break(t.Context(), "empty-registry")
+	if err == nil || !strings.Contains(err.Error(), "needs a lab with --datastore etcd") {
+		t.Fatalf("Break(empty-registry) in a kube lab = %v", err)
 	}
 }

@@ -40,7 +40,7 @@ func Up(ctx context.Context, opts Options, log *slog.Logger) (l *Lab, err error)
 		return nil, fmt.Errorf("create %s: %w", l.dir(), err)
 	}
 	netconf := fmt.Sprintf(`{"Network": %q, "Backend": {"Type": %q}}`+"\n", network, opts.Backend)
-	if err := os.WriteFile(filepath.Join(l.dir(), "net-conf.json"), []byte(netconf), 0o644); err != nil {
+	if err := os.WriteFile(l.netConfPath(), []byte(netconf), 0o644); err != nil {
 		return nil, err
 	}
 	log.Info("building topology", "lab", opts.Name, "nodes", opts.Nodes, "underlay", opts.Underlay)
@@ -48,6 +48,9 @@ func Up(ctx context.Context, opts Options, log *slog.Logger) (l *Lab, err error)
 		return nil, err
 	}
 	l.Store = netip.AddrPortFrom(bridgeAddr(0).Addr(), storePort)
+	if l.isKube() {
+		l.Store = netip.AddrPortFrom(netip.MustParseAddr(kubeStoreAddr), storePort)
+	}
 	if opts.Store == "cluster" {
 		if err := l.buildCluster(); err != nil {
 			return nil, err
@@ -70,7 +73,14 @@ func Up(ctx context.Context, opts Options, log *slog.Logger) (l *Lab, err error)
 	if err := l.waitStore(ctx); err != nil {
 		return nil, err
 	}
-	log.Info("starting agents", "backend", opts.Backend)
+	if l.isKube() {
+		log.Info("starting the Kubernetes control plane", "cluster-cidr", opts.ClusterCIDR)
+		if err := l.upKube(ctx); err != nil {
+			return nil, err
+		}
+		log.Info("Kubernetes control plane up, every Node has a podCIDR", "apiserver", l.Kube.URL)
+	}
+	log.Info("starting agents", "backend", opts.Backend, "datastore", opts.Datastore)
 	for _, n := range l.Nodes {
 		if err := l.StartAgent(n.Name); err != nil {
 			return nil, err
@@ -196,8 +206,9 @@ func down(prefix, dir string) error {
 
 // Status writes what the lab is made of and how each part is doing.
 func (l *Lab) Status(ctx context.Context, w io.Writer) error {
-	fmt.Fprintf(w, "lab %s: %d nodes, backend %s, underlay %s, store %s\n",
-		l.Opts.Name, len(l.Nodes), l.Opts.Backend, l.Opts.Underlay, l.StoreEndpoint())
+	fmt.Fprintf(w, "lab %s: %d nodes, backend %s, underlay %s, store %s, datastore %s\n",
+		l.Opts.Name, len(l.Nodes), l.Opts.Backend, l.Opts.Underlay, l.StoreEndpoint(), l.Opts.Datastore)
+	var podCIDRs map[string]string
 	if l.Opts.Store == "cluster" {
 		for _, m := range l.Members {
 			pids, _ := pidsIn([]string{m.NS})
@@ -206,6 +217,9 @@ func (l *Lab) Status(ctx context.Context, w io.Writer) error {
 	} else {
 		pids, _ := pidsIn([]string{l.RouterNS()})
 		fmt.Fprintf(w, "  rt   store: %s\n", procState(pids, "store"))
+	}
+	if l.Kube != nil {
+		podCIDRs = l.kubeStatus(ctx, w)
 	}
 	for _, n := range l.Nodes {
 		pids, _ := pidsIn([]string{n.NS})
@@ -219,6 +233,9 @@ func (l *Lab) Status(ctx context.Context, w io.Writer) error {
 			ready = "NOT READY"
 		}
 		cancel()
+		if c, ok := podCIDRs[n.Name]; ok {
+			subnet += ", " + c
+		}
 		fmt.Fprintf(w, "  %-4s %s  agent: %s, %s, %s\n", n.Name, n.Underlay.Addr(), procState(pids, "agent"), subnet, ready)
 		var pods []string
 		for _, p := range n.Pods {

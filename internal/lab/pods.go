@@ -58,8 +58,23 @@ func (l *Lab) runtimeConf(p Pod) *libcni.RuntimeConf {
 
 // AddPod creates a pod namespace on node and networks it by calling
 // loom-cni exactly as a container runtime does (libcni, from inside the
-// node's namespace).
+// node's namespace). In Kubernetes mode it then creates the Pod object,
+// running and ready with the address CNI gave, as the kubelet reports it.
 func (l *Lab) AddPod(ctx context.Context, node, pod string) (Pod, error) {
+	p, err := l.addPodNet(ctx, node, pod)
+	if err != nil || !l.isKube() {
+		return p, err
+	}
+	n, err := l.Node(node)
+	if err != nil {
+		return p, err
+	}
+	return p, l.createPodObject(ctx, n, p)
+}
+
+// addPodNet is AddPod without the Pod object: what the container runtime
+// does.
+func (l *Lab) addPodNet(ctx context.Context, node, pod string) (Pod, error) {
 	n, err := l.Node(node)
 	if err != nil {
 		return Pod{}, err
@@ -97,8 +112,14 @@ func (l *Lab) AddPod(ctx context.Context, node, pod string) (Pod, error) {
 	return p, l.save()
 }
 
-// DelPod calls CNI DEL for the pod and removes its namespace.
+// DelPod calls CNI DEL for the pod and removes its namespace, and in
+// Kubernetes mode its Pod object.
 func (l *Lab) DelPod(ctx context.Context, pod string) error {
+	if l.isKube() {
+		if err := l.deletePodObject(ctx, pod); err != nil {
+			return err
+		}
+	}
 	for i := range l.Nodes {
 		n := &l.Nodes[i]
 		for j, p := range n.Pods {

@@ -59,20 +59,33 @@ func (l *Lab) startStore() error {
 		return errors.Join(errs...)
 	}
 	dir := l.dir()
-	return l.record("store", l.RouterNS(), filepath.Join(dir, "store.log"),
-		"store",
+	args := []string{"store",
 		"--listen", l.StoreEndpoint(),
 		"--peer-listen", "http://127.0.0.1:2380",
 		"--data-dir", filepath.Join(dir, "store"),
-		"--network-config", filepath.Join(dir, "net-conf.json"))
+	}
+	// In Kubernetes mode the store is the apiserver's etcd only: the
+	// agents read net-conf.json, as flanneld does with -kube-subnet-mgr.
+	if !l.isKube() {
+		args = append(args, "--network-config", l.netConfPath())
+	}
+	return l.record("store", l.RouterNS(), filepath.Join(dir, "store.log"), args...)
 }
 
 // AgentArgs is the command line the lab gives node's agent.
 func (l *Lab) AgentArgs(node string) []string {
-	args := []string{
-		"agent",
-		"--node-name", node,
-		"--etcd-endpoints", l.StoreEndpoint(),
+	args := []string{"agent", "--node-name", node}
+	if l.Kube != nil {
+		// flanneld's Kubernetes mode, as the manifest's DaemonSet runs it,
+		// with the ServiceAccount's credentials and no etcd flag at all.
+		args = append(args,
+			"--kube-subnet-mgr",
+			"--kubeconfig-file", l.Kube.AgentKubeconfig,
+			"--net-config-path", l.netConfPath())
+	} else {
+		args = append(args, "--etcd-endpoints", l.StoreEndpoint())
+	}
+	args = append(args,
 		"--iface", "eth0",
 		"--ip-masq",
 		"--subnet-file", l.SubnetFile(node),
@@ -80,7 +93,7 @@ func (l *Lab) AgentArgs(node string) []string {
 		"--healthz-ip", "127.0.0.1",
 		"--healthz-port", strconv.Itoa(healthzPort),
 		"--firewall", l.Opts.Firewall,
-	}
+	)
 	if l.Opts.Store == "cluster" {
 		ca, client := l.clientTLS()
 		args = append(args, "--etcd-cafile", ca, "--etcd-certfile", client.Cert, "--etcd-keyfile", client.Key)
@@ -106,8 +119,14 @@ func (l *Lab) StartAgentWith(node string, overrides ...string) error {
 	return l.record("agent-"+node, n.NS, filepath.Join(l.nodeDir(node), "agent.log"), args...)
 }
 
+// record starts `loom ARGS` in ns as a daemon of the lab and records its
+// pid as <lab dir>/<what>.pid.
 func (l *Lab) record(what, ns, logPath string, args ...string) error {
-	p, err := startIn(ns, logPath, l.loomBin(), args...)
+	return l.recordBin(what, ns, logPath, l.loomBin(), args...)
+}
+
+func (l *Lab) recordBin(what, ns, logPath, bin string, args ...string) error {
+	p, err := startIn(ns, logPath, bin, args...)
 	if err != nil {
 		return err
 	}
@@ -137,7 +156,9 @@ func (l *Lab) StopAgent(node string, sig syscall.Signal) error {
 }
 
 // cmdline returns the loom subcommand a process runs ("agent", "store"),
-// "etcd" for an etcd member, or "" for anything else.
+// the binary's name for an etcd member and the Kubernetes control plane
+// ("etcd", "kube-apiserver", "kube-controller-manager"), or "" for
+// anything else.
 func cmdline(pid int) string {
 	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	if err != nil {
@@ -148,8 +169,11 @@ func cmdline(pid int) string {
 	if len(args) > 4 && filepath.Base(args[0]) == "ip" && args[1] == "netns" && args[2] == "exec" {
 		args = args[4:]
 	}
-	if len(args) > 0 && filepath.Base(args[0]) == etcdBinary {
-		return etcdBinary
+	if len(args) > 0 {
+		switch base := filepath.Base(args[0]); base {
+		case etcdBinary, apiServerProc, controllerManagerProc:
+			return base
+		}
 	}
 	if len(args) < 2 || filepath.Base(args[0]) != "loom" {
 		return ""

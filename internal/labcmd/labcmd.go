@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"syscall"
@@ -21,7 +22,8 @@ import (
 const usage = `usage: loom lab COMMAND [flags]
 
   up      [--name a] [--nodes 3] [--pods 2] [--backend vxlan|udp|host-gw] [--underlay flat|routed]
-          [--firewall auto|nftables|iptables] [--store embedded|cluster] [--datastore etcd] [--bin-dir DIR]
+          [--firewall auto|nftables|iptables] [--store embedded|cluster] [--datastore etcd|kube]
+          [--cluster-cidr CIDR] [--bin-dir DIR]
   status  [--name a]
   check   [--name a]      print the connectivity matrix; exit 0 only when all is as expected
   exec    [--name a] rt|ext|n1|n1-p1|s1 -- CMD ARGS...
@@ -51,7 +53,8 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		fs.StringVar(&o.Underlay, "underlay", "flat", "underlay: flat (one subnet) or routed (two subnets behind the router)")
 		fs.StringVar(&o.Firewall, "firewall", "auto", "firewall mode of the agents: auto, nftables or iptables")
 		fs.StringVar(&o.Store, "store", "embedded", "store: embedded (loom store) or cluster (3-member etcd cluster with TLS and client certificates; needs etcd-server)")
-		fs.StringVar(&o.Datastore, "datastore", "etcd", "datastore: etcd")
+		fs.StringVar(&o.Datastore, "datastore", "etcd", "datastore: etcd (subnet leases in the store) or kube (kube-apiserver and kube-controller-manager assign podCIDRs)")
+		fs.TextVar(&o.ClusterCIDR, "cluster-cidr", netip.Prefix{}, "with --datastore kube: the `CIDR` kube-controller-manager assigns podCIDRs from (its --cluster-cidr; default: the lab's Network, 10.244.0.0/16)")
 		fs.StringVar(&o.BinDir, "bin-dir", "", "directory holding loom and loom-cni (default: this binary's)")
 		if err := parse(fs, rest); err != nil {
 			return err

@@ -44,6 +44,11 @@ type Options struct {
 	KubeSubnetMgr  bool
 	KubeconfigFile string
 	KubeAPIURL     string
+	// KubeAnnotationPrefix is -kube-annotation-prefix normalised as
+	// flanneld does: "DOMAIN/" when given without a "/", "DOMAIN/NAME-"
+	// when given as "DOMAIN/NAME", so the keys are the prefix followed by
+	// "backend-type", "public-ip", ...
+	KubeAnnotationPrefix string
 
 	// Which interface and address carry the overlay.
 	Iface         []string         // -iface, in order of preference
@@ -73,7 +78,14 @@ type Options struct {
 	Version bool // print the version and exit; Parse skips validation
 
 	// loom's own.
-	NodeName string        // -node-name, else NODE_NAME, else the lower-cased hostname
+	NodeName string // -node-name, else NODE_NAME, else the lower-cased hostname
+	// NodeNameFromHostname says NodeName is only the hostname: in kube
+	// mode the agent then asks the API for the node of PodNamespace/PodName
+	// (what kube-flannel.yml gives flanneld) when both are set.
+	NodeNameFromHostname bool
+	PodName              string // POD_NAME
+	PodNamespace         string // POD_NAMESPACE
+
 	StateDir string        // -state-dir
 	Resync   time.Duration // -resync: period of the full data-path reconcile
 	LogLevel slog.Level
@@ -98,6 +110,7 @@ const (
 	flagKubeSubnetMgr          = "kube-subnet-mgr"
 	flagKubeconfigFile         = "kubeconfig-file"
 	flagKubeAPIURL             = "kube-api-url"
+	flagKubeAnnotationPrefix   = "kube-annotation-prefix"
 	flagIface                  = "iface"
 	flagIfaceRegex             = "iface-regex"
 	flagIfaceCanReach          = "iface-can-reach"
@@ -132,6 +145,10 @@ const (
 	// envNodeName is what flannel's kube mode reads (set from the downward
 	// API in kube-flannel.yml), so existing DaemonSets name the node for us.
 	envNodeName = "NODE_NAME"
+	// envPodName and envPodNamespace are what kube-flannel.yml sets (from
+	// the downward API) instead of NODE_NAME.
+	envPodName      = "POD_NAME"
+	envPodNamespace = "POD_NAMESPACE"
 )
 
 // leaseTTL is the lifetime of a subnet lease in etcd (flannel's, 24 h): a
@@ -165,6 +182,7 @@ func defs() []def {
 		{name: flagKubeSubnetMgr, bool: true, usage: "take the subnet from the Kubernetes node's podCIDR instead of etcd"},
 		{name: flagKubeconfigFile, usage: "kubeconfig `file` (default: in-cluster config)"},
 		{name: flagKubeAPIURL, usage: "Kubernetes API server `URL` (overrides the kubeconfig's)"},
+		{name: flagKubeAnnotationPrefix, value: defaultAnnotationPrefix, usage: "`prefix` of the Node annotations in kube mode (flanneld's): a domain, optionally with \"/\" and a name stem"},
 		{name: flagIface, repeat: true, usage: "`interface` (name or IP address) for inter-node traffic; repeat to list choices in order"},
 		{name: flagIfaceRegex, repeat: true, usage: "`regexp` matching the interface (name or IP address) for inter-node traffic; repeatable, tried after -iface"},
 		{name: flagIfaceCanReach, usage: "use the interface that routes to this `address`"},
@@ -375,6 +393,8 @@ func (c *converter) options(getenv func(string) string) Options {
 		KubeconfigFile: c.str(flagKubeconfigFile),
 		KubeAPIURL:     c.url(flagKubeAPIURL),
 
+		KubeAnnotationPrefix: c.annotationPrefix(flagKubeAnnotationPrefix),
+
 		Iface:         c.list(flagIface),
 		IfaceRegex:    c.regexps(flagIfaceRegex),
 		IfaceCanReach: c.addr(flagIfaceCanReach, anyFamily),
@@ -395,7 +415,9 @@ func (c *converter) options(getenv func(string) string) Options {
 
 		Version: c.boolean(flagVersion),
 
-		NodeName: c.nodeName(flagNodeName, getenv),
+		PodName:      getenv(envPodName),
+		PodNamespace: getenv(envPodNamespace),
+
 		StateDir: c.absPath(flagStateDir),
 		Resync:   c.duration(flagResync),
 		LogLevel: c.logLevel(flagLogLevel),
@@ -404,6 +426,7 @@ func (c *converter) options(getenv func(string) string) Options {
 
 		SubnetLeaseTTL: c.duration(flagSubnetLeaseTTL),
 	}
+	o.NodeName, o.NodeNameFromHostname = c.nodeName(flagNodeName, getenv)
 	if o.SubnetLeaseTTL > 0 && o.SubnetLeaseTTL < minLeaseTTL {
 		_, from := c.get(flagSubnetLeaseTTL)
 		c.fail("%s %v is shorter than etcd's minimum lease TTL: use %v or more", from, o.SubnetLeaseTTL, minLeaseTTL)
@@ -607,23 +630,79 @@ func (c *converter) logLevel(name string) slog.Level {
 // nodeName picks the node's name: the flag, NODE_NAME (what flannel's kube
 // mode reads), else the hostname lower-cased as the kubelet does when it
 // names the node, so that both agree without configuration.
-func (c *converter) nodeName(name string, getenv func(string) string) string {
+func (c *converter) nodeName(name string, getenv func(string) string) (string, bool) {
 	s, from := c.get(name)
 	if s == "" {
 		s, from = getenv(envNodeName), envNodeName
 	}
+	fromHost := false
 	if s == "" {
 		h, err := os.Hostname()
 		if err != nil {
 			c.fail("cannot find the node name: the hostname is unreadable (%w); set -%s", err, flagNodeName)
-			return ""
+			return "", false
 		}
-		s, from = strings.ToLower(strings.TrimSpace(h)), "the hostname"
+		s, from, fromHost = strings.ToLower(strings.TrimSpace(h)), "the hostname", true
 	}
 	if !isDNSSubdomain(s) {
 		c.fail("%s %q is not a valid node name: use lower-case letters, digits, '-' and '.' (the Kubernetes node name), via -%s", from, s, flagNodeName)
 	}
-	return s
+	return s, fromHost
+}
+
+// defaultAnnotationPrefix is flanneld's -kube-annotation-prefix default.
+const defaultAnnotationPrefix = "flannel.alpha.coreos.com"
+
+// maxAnnotationStem is the longest name stem a prefix may carry: a
+// Kubernetes annotation name (after the "/") has at most 63 characters,
+// and the longest name flannel appends is "public-ipv6-overwrite" (21).
+const maxAnnotationStem = 63 - len("public-ipv6-overwrite")
+
+// annotationPrefix reads an annotation prefix the way flanneld normalises
+// it (a bare domain gets "/", "DOMAIN/NAME" gets "-"), and accepts only
+// prefixes that make annotation keys the API server takes: a lower-case
+// DNS subdomain with at least one dot, as flanneld requires, then an
+// optional stem of lower-case letters, digits, '-', '_' and '.'.
+func (c *converter) annotationPrefix(name string) string {
+	s, from := c.get(name)
+	domain, stem, slash := strings.Cut(s, "/")
+	fix := fmt.Sprintf("use a domain such as %s, optionally followed by \"/\" and a name stem (example.com/net)", defaultAnnotationPrefix)
+	switch {
+	case s == "":
+		c.fail("%s is empty: %s", from, fix)
+		return ""
+	case strings.Contains(stem, "/"):
+		c.fail("%s %q has more than one \"/\": %s", from, s, fix)
+		return ""
+	case !isDNSSubdomain(domain) || !strings.Contains(domain, "."):
+		c.fail("%s %q: %q is not a lower-case domain name with a dot: %s", from, s, domain, fix)
+		return ""
+	}
+	if !slash {
+		return domain + "/"
+	}
+	// flanneld keeps a prefix that ends in "/" or "-" as it is.
+	if stem != "" && !strings.HasSuffix(stem, "-") {
+		stem += "-"
+	}
+	if len(stem) > maxAnnotationStem || (stem != "" && !validStem(stem)) {
+		c.fail("%s %q: the name stem %q must start with a lower-case letter or digit, hold only lower-case letters, digits, '-', '_' and '.', and be at most %d characters: %s",
+			from, s, strings.TrimSuffix(stem, "-"), maxAnnotationStem-1, fix)
+		return ""
+	}
+	return domain + "/" + stem
+}
+
+func validStem(s string) bool {
+	if c := s[0]; (c < 'a' || c > 'z') && (c < '0' || c > '9') {
+		return false
+	}
+	for _, r := range s {
+		if (r < 'a' || r > 'z') && (r < '0' || r > '9') && r != '-' && r != '_' && r != '.' {
+			return false
+		}
+	}
+	return true
 }
 
 // isDNSSubdomain reports whether s is an RFC 1123 subdomain, the form

@@ -32,6 +32,7 @@ func TestDefaults(t *testing.T) {
 		IPTablesResync:         5 * time.Second,
 		IPTablesForwardRules:   true,
 		NetConfigPath:          "/etc/kube-flannel/net-conf.json",
+		KubeAnnotationPrefix:   "flannel.alpha.coreos.com/",
 		HealthzIP:              netip.MustParseAddr("127.0.0.1"), // flanneld: 0.0.0.0
 		SubnetLeaseTTL:         24 * time.Hour,
 		NodeName:               "n1",
@@ -64,8 +65,21 @@ func TestNodeNameFromHostname(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.NodeName != strings.ToLower(h) {
-		t.Errorf("NodeName = %q, want %q", o.NodeName, strings.ToLower(h))
+	if o.NodeName != strings.ToLower(h) || !o.NodeNameFromHostname {
+		t.Errorf("NodeName = %q (from hostname %v), want %q from the hostname", o.NodeName, o.NodeNameFromHostname, strings.ToLower(h))
+	}
+}
+
+// In kube-flannel.yml the agent learns its pod, not its node: the node
+// name then comes from the API, which needs to know the hostname was only
+// a guess.
+func TestPodIdentity(t *testing.T) {
+	o, err := Parse([]string{"-kube-subnet-mgr"}, env(map[string]string{"POD_NAME": "kube-flannel-ds-x7k2p", "POD_NAMESPACE": "kube-flannel", "NODE_NAME": "n1"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.PodName != "kube-flannel-ds-x7k2p" || o.PodNamespace != "kube-flannel" || o.NodeName != "n1" || o.NodeNameFromHostname {
+		t.Errorf("got pod %s/%s, node %q (from hostname %v)", o.PodNamespace, o.PodName, o.NodeName, o.NodeNameFromHostname)
 	}
 }
 
@@ -119,6 +133,30 @@ func TestSources(t *testing.T) {
 			args:  []string{"--ip-masq", "--kube-subnet-mgr"},
 			field: func(o Options) any { return [2]bool{o.IPMasq, o.KubeSubnetMgr} },
 			want:  [2]bool{true, true},
+		},
+		{
+			name:  "annotation prefix: a bare domain gets a slash, as in flanneld",
+			args:  []string{"-kube-annotation-prefix=net.example.com"},
+			field: func(o Options) any { return o.KubeAnnotationPrefix },
+			want:  "net.example.com/",
+		},
+		{
+			name:  "annotation prefix: a name stem gets a dash",
+			args:  []string{"-kube-annotation-prefix=example.com/net"},
+			field: func(o Options) any { return o.KubeAnnotationPrefix },
+			want:  "example.com/net-",
+		},
+		{
+			name:  "annotation prefix: a trailing slash or dash is kept",
+			args:  []string{"-kube-annotation-prefix=example.com/net-"},
+			field: func(o Options) any { return o.KubeAnnotationPrefix },
+			want:  "example.com/net-",
+		},
+		{
+			name:  "annotation prefix from flanneld's variable",
+			env:   map[string]string{"FLANNELD_KUBE_ANNOTATION_PREFIX": "example.com/"},
+			field: func(o Options) any { return o.KubeAnnotationPrefix },
+			want:  "example.com/",
 		},
 		{
 			name:  "bool default true turned off",
@@ -396,6 +434,26 @@ func TestErrors(t *testing.T) {
 			name: "unknown flag",
 			args: []string{"-ifcae=eth0"},
 			want: "flag provided but not defined: -ifcae",
+		},
+		{
+			name: "annotation prefix without a dot",
+			args: []string{"-kube-annotation-prefix=flannel"},
+			want: `-kube-annotation-prefix "flannel": "flannel" is not a lower-case domain name with a dot: use a domain such as flannel.alpha.coreos.com, optionally followed by "/" and a name stem (example.com/net)`,
+		},
+		{
+			name: "annotation prefix in upper case, from the environment",
+			env:  map[string]string{"FLANNELD_KUBE_ANNOTATION_PREFIX": "Flannel.Example.com"},
+			want: `FLANNELD_KUBE_ANNOTATION_PREFIX "Flannel.Example.com": "Flannel.Example.com" is not a lower-case domain name with a dot: use a domain such as flannel.alpha.coreos.com, optionally followed by "/" and a name stem (example.com/net)`,
+		},
+		{
+			name: "annotation prefix with two slashes",
+			args: []string{"-kube-annotation-prefix=example.com/a/b"},
+			want: `-kube-annotation-prefix "example.com/a/b" has more than one "/": use a domain such as flannel.alpha.coreos.com, optionally followed by "/" and a name stem (example.com/net)`,
+		},
+		{
+			name: "annotation prefix with a bad stem",
+			args: []string{"-kube-annotation-prefix=example.com/Net"},
+			want: `-kube-annotation-prefix "example.com/Net": the name stem "Net" must start with a lower-case letter or digit, hold only lower-case letters, digits, '-', '_' and '.', and be at most 41 characters: use a domain such as flannel.alpha.coreos.com, optionally followed by "/" and a name stem (example.com/net)`,
 		},
 		{
 			name: "every bad value is reported at once",

@@ -1,0 +1,377 @@
+package kubesubnet
+
+// Fast tests of the manager's logic on client-go's fake clientset. The same
+// behaviour against a real kube-apiserver and kube-controller-manager is in
+// kubecp_test.go; these exist to run in a second without binaries.
+//
+// Address plan: as in annotations_test.go.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/loomnet/loom/internal/lease"
+
+	"github.com/loomnet/loom/internal/registry"
+)
+
+// logBuf collects a test's log lines.
+type logBuf struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuf) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuf) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func (b *logBuf) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// eventually polls f every 20 ms until it holds or d passes.
+func eventually(t *testing.T, d time.Duration, what string, f func() bool) {
+	t.Helper()
+	for end := time.Now().Add(d); !f(); {
+		if time.Now().After(end) {
+			t.Fatalf("not within %v: %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+var testNet = `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`
+
+func vxlanRequest(t *testing.T, node, publicIP string) registry.Request {
+	return registry.Request{
+		NodeName: node,
+		Config:   mustConfig(t, testNet),
+		Attrs:    lease.Attrs{PublicIP: netip.MustParseAddr(publicIP), BackendType: "vxlan", BackendData: json.RawMessage(vxlanData)},
+	}
+}
+
+type fakeEnv struct {
+	cs   *fake.Clientset
+	logs *logBuf
+}
+
+func newFakeEnv(objs ...runtime.Object) *fakeEnv {
+	return &fakeEnv{cs: fake.NewClientset(objs...), logs: &logBuf{}}
+}
+
+// manager starts a manager for node on a client of its own, as a restarted
+// agent would have.
+func (e *fakeEnv) manager(t *testing.T, node string, metrics prometheus.Registerer) *Manager {
+	t.Helper()
+	c, err := NewClient(ClientConfig{Clientset: e.cs, Logger: e.logs.logger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	m, err := New(Config{Client: c, NodeName: node, Network: mustConfig(t, testNet), Logger: e.logs.logger(), Metrics: metrics, WaitLogEvery: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+// keep runs Keep until the test ends and returns its leases and its error.
+func keep(t *testing.T, m *Manager, req registry.Request) (<-chan lease.Lease, <-chan error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	leases, errc := make(chan lease.Lease, 8), make(chan error, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		errc <- m.Keep(ctx, req, func(l lease.Lease) { leases <- l })
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	return leases, errc
+}
+
+func (e *fakeEnv) writes() int {
+	n := 0
+	for _, a := range e.cs.Actions() {
+		switch a.GetVerb() {
+		case "patch", "update", "create":
+			n++
+		}
+	}
+	return n
+}
+
+func (e *fakeEnv) node(t *testing.T, name string) *v1.Node {
+	t.Helper()
+	n, err := e.cs.CoreV1().Nodes().Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestKeepWritesOnceAndReports(t *testing.T) {
+	e := newFakeEnv(node("n1", []string{"10.244.1.0/24"}, nil))
+	leases, errc := keep(t, e.manager(t, "n1", nil), vxlanRequest(t, "n1", "198.18.0.11"))
+	var l lease.Lease
+	select {
+	case l = <-leases:
+	case err := <-errc:
+		t.Fatal(err)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no lease; log:\n%s", e.logs)
+	}
+	if l.Subnet != netip.MustParsePrefix("10.244.1.0/24") || l.Attrs.NodeName != "n1" || l.Attrs.PublicIP != netip.MustParseAddr("198.18.0.11") || l.Reserved() {
+		t.Errorf("lease %+v", l)
+	}
+	n := e.node(t, "n1")
+	for k, v := range map[string]string{
+		pfx + "kube-subnet-manager": "true", pfx + "backend-type": "vxlan", pfx + "backend-data": vxlanData, pfx + "public-ip": "198.18.0.11",
+	} {
+		if n.Annotations[k] != v {
+			t.Errorf("annotation %s = %q, want %q", k, n.Annotations[k], v)
+		}
+	}
+	if !networkAvailable(n) {
+		t.Errorf("conditions %+v, want NetworkUnavailable False", n.Status.Conditions)
+	}
+	if w := e.writes(); w != 1 {
+		t.Errorf("%d writes, want 1 (annotations and condition in one patch)", w)
+	}
+
+	// A restart: a new manager finds everything in place and writes nothing.
+	before := e.writes()
+	leases2, errc2 := keep(t, e.manager(t, "n1", nil), vxlanRequest(t, "n1", "198.18.0.11"))
+	select {
+	case l2 := <-leases2:
+		if !sameLease(l, l2) {
+			t.Errorf("after restart lease %+v, want %+v", l2, l)
+		}
+	case err := <-errc2:
+		t.Fatal(err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("no lease after restart")
+	}
+	if w := e.writes() - before; w != 0 {
+		t.Errorf("restart made %d writes, want none", w)
+	}
+}
+
+func TestKeepPodCIDROutsideNetwork(t *testing.T) {
+	e := newFakeEnv(node("n1", []string{"10.245.1.0/24"}, nil))
+	_, errc := keep(t, e.manager(t, "n1", nil), vxlanRequest(t, "n1", "198.18.0.11"))
+	select {
+	case err := <-errc:
+		want := `node n1 has podCIDR 10.245.1.0/24 (from kube-controller-manager --cluster-cidr), which is not inside Network 10.244.0.0/16 of /etc/kube-flannel/net-conf.json: ` +
+			`set "Network" to the cluster's pod CIDR (kubeadm --pod-network-cidr / kube-controller-manager --cluster-cidr), or re-create the cluster with --pod-network-cidr=10.244.0.0/16`
+		if err == nil || err.Error() != want {
+			t.Fatalf("error:\n got  %v\n want %s", err, want)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Keep did not fail")
+	}
+	if e.writes() != 0 {
+		t.Error("a node outside Network was annotated")
+	}
+}
+
+func TestKeepWaitsForPodCIDR(t *testing.T) {
+	e := newFakeEnv(node("n1", nil, nil))
+	leases, errc := keep(t, e.manager(t, "n1", nil), vxlanRequest(t, "n1", "198.18.0.11"))
+	eventually(t, 5*time.Second, "pod cidr log", func() bool {
+		return strings.Count(e.logs.String(), "pod cidr not assigned to node n1") >= 2
+	})
+	for _, s := range []string{"--allocate-node-cidrs=true", "--cluster-cidr=10.244.0.0/16", "level=ERROR"} {
+		if !strings.Contains(e.logs.String(), s) {
+			t.Errorf("log does not say %s:\n%s", s, e.logs)
+		}
+	}
+	select {
+	case l := <-leases:
+		t.Fatalf("lease %v without a podCIDR", l)
+	case err := <-errc:
+		t.Fatal(err)
+	default:
+	}
+	n := e.node(t, "n1")
+	n.Spec.PodCIDR, n.Spec.PodCIDRs = "10.244.7.0/24", []string{"10.244.7.0/24"}
+	if _, err := e.cs.CoreV1().Nodes().Update(context.Background(), n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case l := <-leases:
+		if l.Subnet != netip.MustParsePrefix("10.244.7.0/24") {
+			t.Errorf("lease %v", l)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no lease after the podCIDR was set")
+	}
+}
+
+// TestPeers covers the peer stream: the first list, a Node that stops
+// qualifying, a deleted one, a changed podCIDR, and hostile Nodes skipped
+// with their reason.
+func TestPeers(t *testing.T) {
+	hostileJSON := flannelNode("n4", "10.244.4.0/24", "198.18.0.14")
+	hostileJSON.Annotations[pfx+"backend-data"] = "not json"
+	e := newFakeEnv(
+		flannelNode("n2", "10.244.2.0/24", "198.18.0.12"),
+		flannelNode("n3", "10.244.3.0/24", "198.18.0.13"),
+		hostileJSON,
+		flannelNode("n5", "10.244.2.0/25", "198.18.0.15"), // overlaps n2
+		flannelNode("n6", "10.244.6.0/24", "127.0.0.1"),
+		node("n7", []string{"10.244.7.0/24"}, nil), // not (yet) a peer
+	)
+	metrics := prometheus.NewRegistry()
+	m := e.manager(t, "n1", metrics)
+	guard := m.Guard(mustConfig(t, testNet))
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	known, _, err := m.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu     sync.Mutex
+		events []lease.Event
+	)
+	record := func(ev []lease.Event) {
+		mu.Lock()
+		defer mu.Unlock()
+		events = append(events, guard.Filter(ev)...)
+	}
+	record(func() []lease.Event {
+		var ev []lease.Event
+		for _, l := range known {
+			ev = append(ev, lease.Event{Type: lease.Added, Lease: l})
+		}
+		return ev
+	}())
+	got := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		var s []string
+		for _, e := range events {
+			s = append(s, e.Type.String()+" "+e.Lease.String())
+		}
+		events = nil
+		return s
+	}
+	if g, want := strings.Join(got(), "; "), "added 10.244.2.0-24 (node n2); added 10.244.3.0-24 (node n3)"; g != want {
+		t.Fatalf("first list:\n got  %s\n want %s\nlog:\n%s", g, want, e.logs)
+	}
+	for reason, n := range map[string]float64{registry.SkipUndecodable: 1, registry.SkipOverlap: 1, registry.SkipBadPublicIP: 1} {
+		if c := counterValue(t, m.skipped.WithLabelValues(reason)); c != n {
+			t.Errorf("loom_leases_skipped_total{reason=%q} = %v, want %v", reason, c, n)
+		}
+	}
+	if !strings.Contains(e.logs.String(), "kubectl") {
+		t.Errorf("skips logged without a kubectl fix:\n%s", e.logs)
+	}
+
+	wctx, wcancel := context.WithCancel(ctx)
+	watchDone := make(chan error, 1)
+	go func() { watchDone <- m.Watch(wctx, 0, known, record) }()
+	defer func() { wcancel(); <-watchDone }()
+
+	nodes := e.cs.CoreV1().Nodes()
+	// Deleting a Node is deliberate: it is removed at once, and the Node
+	// it shadowed (n5 overlapped n2) gets through.
+	if err := nodes.Delete(ctx, "n2", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect := func(want string) {
+		t.Helper()
+		var g []string
+		eventually(t, 5*time.Second, want, func() bool {
+			g = append(g, got()...)
+			return strings.Join(g, "; ") == want
+		})
+	}
+	expect("removed 10.244.2.0-24 (node n2); added 10.244.2.0-25 (node n5)")
+
+	// The kube-subnet-manager annotation gone: no longer a peer.
+	n3 := e.node(t, "n3")
+	delete(n3.Annotations, pfx+"kube-subnet-manager")
+	if _, err := nodes.Update(ctx, n3, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect("removed 10.244.3.0-24 (node n3)")
+
+	// n7 starts qualifying; then its public IP changes: Added twice.
+	n7 := flannelNode("n7", "10.244.7.0/24", "198.18.0.17")
+	if _, err := nodes.Update(ctx, n7, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect("added 10.244.7.0-24 (node n7)")
+	n7.Annotations[pfx+"public-ip"] = "198.18.0.27"
+	if _, err := nodes.Update(ctx, n7, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect("added 10.244.7.0-24 (node n7)")
+
+	// Deleted and registered again with another podCIDR: the old lease
+	// goes, the new one comes.
+	if err := nodes.Delete(ctx, "n7", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := nodes.Create(ctx, flannelNode("n7", "10.244.8.0/24", "198.18.0.17"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect("removed 10.244.7.0-24 (node n7); added 10.244.8.0-24 (node n7)")
+}
+
+func counterValue(t *testing.T, c prometheus.Metric) float64 {
+	t.Helper()
+	var d dto.Metric
+	if err := c.Write(&d); err != nil {
+		t.Fatal(err)
+	}
+	return d.GetCounter().GetValue()
+}
+
+// kube-flannel.yml gives the agent its pod, not its node; the node's
+// node-public-ip annotation replaces -public-ip, as in flanneld.
+func TestNodeIdentityFromTheAPI(t *testing.T) {
+	n1 := node("n1", []string{"10.244.1.0/24"}, map[string]string{pfx + "node-public-ip": "198.18.1.11"})
+	pod := &v1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "kube-flannel-ds-x7k2p", Namespace: "kube-flannel"}, Spec: v1.PodSpec{NodeName: "n1"}}
+	e := newFakeEnv(n1, pod)
+	m := e.manager(t, "n1", nil)
+	ctx := context.Background()
+	name, err := m.c.NodeOfPod(ctx, "kube-flannel", "kube-flannel-ds-x7k2p")
+	if err != nil || name != "n1" {
+		t.Fatalf("NodeOfPod = %q, %v", name, err)
+	}
+	if _, err := m.c.NodeOfPod(ctx, "kube-flannel", "gone"); err == nil || !strings.Contains(err.Error(), "NODE_NAME") {
+		t.Errorf("NodeOfPod of a missing pod: %v, want an error pointing to NODE_NAME", err)
+	}
+	v4, v6, err := m.NodePublicIPs(ctx)
+	if err != nil || v4 != netip.MustParseAddr("198.18.1.11") || v6.IsValid() {
+		t.Errorf("NodePublicIPs = %v, %v, %v", v4, v6, err)
+	}
+	if v4, _, err := e.manager(t, "not-registered", nil).NodePublicIPs(ctx); err != nil || v4.IsValid() {
+		t.Errorf("NodePublicIPs of a Node not registered yet = %v, %v; want none", v4, err)
+	}
+}
