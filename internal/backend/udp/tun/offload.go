@@ -308,12 +308,13 @@ type run struct {
 
 // coalesce groups pkts into runs, in order, merging consecutive segments of
 // one TCP flow while the result stays a valid GSO frame: sequence numbers
-// contiguous, every payload but the last exactly gso_size long, PSH only on
-// the last, at most MaxPacket bytes, and every checksum verified first (a
-// merged frame carries a checksum the kernel computes afresh, so a
-// corrupted segment must never be merged: it goes alone, and the kernel
-// drops it). It rewrites the headers of merged runs' first packets and
-// fills in each run's virtio header; single packets get an empty one.
+// and IPv4 identifications contiguous, every payload but the last exactly
+// gso_size long, PSH only on the last, at most MaxPacket bytes, and every
+// checksum verified first (a merged frame carries a checksum the kernel
+// computes afresh, so a corrupted segment must never be merged: it goes
+// alone, and the kernel drops it). It rewrites the headers of merged runs'
+// first packets and fills in each run's virtio header; single packets get
+// an empty one.
 func coalesce(pkts [][]byte, runs []run, hdrs [][vnetHdrLen]byte) ([]run, [][vnetHdrLen]byte) {
 	runs, hdrs = runs[:0], hdrs[:0]
 	var cur run
@@ -330,6 +331,9 @@ func coalesce(pkts [][]byte, runs []run, hdrs [][vnetHdrLen]byte) ([]run, [][vne
 			pkts[cur.first+cur.n-1][cur.seg.l4+tcpFlags]&tcpPSH == 0 &&
 			s.payload <= cur.seg.payload && cur.bytes+s.payload <= MaxPacket &&
 			s.seq == cur.seg.seq+uint32(cur.bytes-cur.seg.hdrLen) &&
+			// Segmentation numbers IPv4 IDs first, first+1, ...: any other
+			// ID would come out changed (the kernel's GRO checks this too).
+			(s.v6 || binary.BigEndian.Uint16(p[ipv4ID:]) == binary.BigEndian.Uint16(pkts[cur.first][ipv4ID:])+uint16(cur.n)) &&
 			sameFlow(pkts[cur.first], p, cur.seg, s) {
 			if !cur.verified {
 				cur.verified = true
