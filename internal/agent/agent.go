@@ -25,6 +25,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -72,10 +73,18 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 }
 
 // Run is the agent. It returns nil when ctx ends, or the error that stopped it.
+//
+// The health server comes first: a node can wait long for its subnet (in
+// Kubernetes mode until kube-controller-manager assigns a podCIDR, in etcd
+// mode until someone writes the network config), and a DaemonSet's
+// liveness probe must find the agent alive meanwhile, not restart it in a
+// loop. /healthz answers from the start, /readyz says why the node is not
+// ready yet, /metrics has loom_lease_held 0.
 func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	log.Info("starting", "version", version.String(), "node", opts.NodeName)
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	for _, s := range opts.Ignored {
+		log.Warn("ignoring a flanneld flag without effect on a loom node", "flag", s)
+	}
 	if opts.Cleanup {
 		if err := firewall.Cleanup(ctx, firewall.Config{Mode: firewall.ModeAuto, Logger: log}); err != nil {
 			return fmt.Errorf("-cleanup: %w", err)
@@ -83,14 +92,63 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		log.Info("removed loom's masquerade and forward rules")
 		return nil
 	}
+	parent := ctx
+	// Every part that fails stops the agent by cancelling ctx with its
+	// error as the cause; Run returns that cause.
+	ctx, fail := context.WithCancelCause(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer fail(nil)
+	// stopped is what Run returns when err stopped it: nil after the
+	// caller's ctx ended (SIGTERM), the failing part's error when one
+	// failed meanwhile, else err.
+	stopped := func(err error) error {
+		switch {
+		case parent.Err() != nil:
+			return nil
+		case ctx.Err() != nil:
+			return context.Cause(ctx)
+		}
+		return err
+	}
 
 	metrics := prometheus.NewRegistry()
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	subnets, cfg, err := openSubnets(ctx, &opts, log, metrics)
-	if err != nil {
-		return err
+	a := &agent{opts: opts, subnetFile: opts.SubnetFile, log: log, known: map[string]bool{}}
+	a.registerMetrics(metrics)
+	checks := &health.Checks{}
+	checks.Add("lease", func(context.Context) error { return a.leaseReady() })
+	checks.Add("subnet.env", func(context.Context) error { return a.subnetFileReady() })
+	checks.Add("datapath", health.Ready(func() bool { return false }, "not set up yet: the node holds no subnet lease"))
+	checks.Add("firewall", health.Ready(func() bool { return false }, "not set up yet: the node holds no subnet lease"))
+	if opts.HealthzPort > 0 {
+		addr := netip.AddrPortFrom(opts.HealthzIP, uint16(opts.HealthzPort))
+		// Bound here, not in the server's goroutine: a port in use is an
+		// error at start, not after the wait for a subnet.
+		var lc net.ListenConfig
+		ln, err := lc.Listen(ctx, "tcp", addr.String())
+		if err != nil {
+			return fmt.Errorf("serve health on %s (-healthz-ip, -healthz-port): %w", addr, err)
+		}
+		hcfg := health.Config{Checks: checks, Metrics: metrics, Logger: log}
+		wg.Go(func() {
+			if err := health.ServeListener(ctx, ln, hcfg); err != nil && ctx.Err() == nil {
+				fail(fmt.Errorf("serve health on %s: %w", addr, err))
+			}
+		})
 	}
-	defer subnets.Close()
+
+	subnets, cfg, err := a.openSubnets(ctx, &opts, metrics)
+	if err != nil {
+		return stopped(err)
+	}
+	// The store closes only after every part that uses it (Keep, Watch)
+	// has stopped.
+	defer func() {
+		fail(nil)
+		wg.Wait()
+		subnets.Close()
+	}()
 	ifc, err := iface.Select(iface.Config{
 		Ifaces:   opts.Iface,
 		Regexes:  opts.IfaceRegex,
@@ -138,6 +196,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		return err
 	}
 	be := dp.Network
+	checks.Add("datapath", health.Ready(be.Ready, "peer routes not programmed yet"))
 
 	fw, err := firewall.New(firewall.Config{
 		Mode:         firewallMode(opts, cfg),
@@ -150,10 +209,11 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	checks.Add("firewall", health.Ready(fw.Ready, "masquerade and forward rules not in place yet"))
 	log.Info("firewall", "mode", fw.Mode(), "ip-masq", opts.IPMasq, "forward-rules", opts.IPTablesForwardRules)
 
-	a := &agent{opts: opts, cfg: cfg, log: log, be: be, fw: fw, mtu: dp.mtu, known: map[string]bool{}, guard: subnets.Guard(cfg)}
-	a.registerMetrics(metrics)
+	// The goroutines below see these fields as set here: they start after.
+	a.opts, a.cfg, a.be, a.fw, a.mtu, a.guard = opts, cfg, be, fw, dp.mtu, subnets.Guard(cfg)
 	req := registry.Request{
 		NodeName: opts.NodeName,
 		Config:   cfg,
@@ -177,81 +237,62 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		log.Warn("ignoring unreadable subnet file", "err", err)
 	}
 
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer cancel()
-
-	errc := make(chan error, 4)
 	first := make(chan struct{})
 	var firstOnce sync.Once
 	wg.Go(func() {
 		err := subnets.Keep(ctx, req, func(l lease.Lease) {
 			if err := a.setLease(l); err != nil {
-				errc <- err
+				fail(err)
 				return
 			}
 			firstOnce.Do(func() { close(first) })
 		})
 		if err != nil && ctx.Err() == nil {
-			errc <- fmt.Errorf("hold subnet lease: %w", err)
+			fail(fmt.Errorf("hold subnet lease: %w", err))
 		}
 	})
 	select {
 	case <-first:
-	case err := <-errc:
-		return err
 	case <-ctx.Done():
-		return nil
+		return stopped(nil)
 	}
 
-	if opts.HealthzPort > 0 {
-		addr := netip.AddrPortFrom(opts.HealthzIP, uint16(opts.HealthzPort))
-		checks := &health.Checks{}
-		checks.Add("lease", func(context.Context) error { return a.leaseReady() })
-		checks.Add("subnet.env", func(context.Context) error { return a.subnetFileReady() })
-		checks.Add("datapath", health.Ready(be.Ready, "peer routes not programmed yet"))
-		checks.Add("firewall", health.Ready(fw.Ready, "masquerade and forward rules not in place yet"))
-		hcfg := health.Config{Checks: checks, Metrics: metrics, Logger: log}
-		wg.Go(func() {
-			if err := health.Serve(ctx, addr.String(), hcfg); err != nil && ctx.Err() == nil {
-				errc <- fmt.Errorf("serve health on %s: %w", addr, err)
-			}
-		})
-	}
 	// The backend starts with every peer already known, so its first full
 	// sync (which makes /readyz green) programs routes to all of them.
 	leases, rev, err := a.listPeers(ctx, subnets)
 	if err != nil {
-		return nil
+		return stopped(nil)
 	}
 	if cfg.EnableIPv4 && len(dp.devices) > 0 {
 		wg.Go(func() { keepLooseRPFilter(ctx, dp.devices, opts.Resync, log) })
 	}
 	wg.Go(func() {
 		if err := fw.Run(ctx); err != nil && ctx.Err() == nil {
-			errc <- fmt.Errorf("firewall: %w", err)
+			fail(fmt.Errorf("firewall: %w", err))
 		}
 	})
 	wg.Go(func() {
 		if err := be.Run(ctx); err != nil && ctx.Err() == nil {
-			errc <- fmt.Errorf("data path: %w", err)
+			fail(fmt.Errorf("data path: %w", err))
 		}
 	})
 	wg.Go(func() {
 		if err := subnets.Watch(ctx, rev, leases, a.deliver); err != nil && ctx.Err() == nil {
-			errc <- fmt.Errorf("watch peers: %w", err)
+			fail(fmt.Errorf("watch peers: %w", err))
 		}
 	})
 
-	select {
-	case <-ctx.Done():
-		log.Info("stopping; leaving the data path and the lease in place")
-		return nil
-	case err := <-errc:
+	<-ctx.Done()
+	if err := stopped(nil); err != nil {
 		return err
 	}
+	log.Info("stopping; leaving the data path and the lease in place")
+	return nil
 }
 
+// agent is the running agent. The health server reads it from the start;
+// the fields above mu are set once before the parts that use them start
+// (Keep, the peer watch) and the health server never reads them.
 type agent struct {
 	opts options.Options
 	cfg  netconf.Config
@@ -261,9 +302,16 @@ type agent struct {
 	mtu  int
 	// guard keeps corrupt and hostile peer leases out of the data path.
 	guard *registry.Guard
+	// subnetFile is -subnet-file, for the readiness check.
+	subnetFile string
 
-	mu  sync.Mutex  // guards own
+	mu  sync.Mutex  // guards own, subnets and pending
 	own lease.Lease // the lease this node holds
+	// subnets says, until own is set, why there is no lease yet.
+	subnets subnetManager
+	// pending is why there is no lease yet before subnets can say it
+	// (the etcd network config not there yet); nil otherwise.
+	pending error
 
 	subnetWrote atomic.Bool
 	peers       atomic.Int64 // peer leases handed to the backend, for metrics
@@ -298,13 +346,47 @@ func (a *agent) setLease(l lease.Lease) error {
 	return nil
 }
 
+// leaseReady is the readiness check of the lease: nil once the node holds
+// one, else why not, in the subnet manager's words (in Kubernetes mode
+// "pod cidr not assigned to node ...", as the log says it).
 func (a *agent) leaseReady() error {
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	if !a.own.Subnet.IsValid() && !a.own.IPv6Subnet.IsValid() {
-		return errors.New("no subnet lease yet")
+	held, subnets, pending := a.own.Subnet.IsValid() || a.own.IPv6Subnet.IsValid(), a.subnets, a.pending
+	a.mu.Unlock()
+	switch {
+	case held:
+		return nil
+	case pending != nil:
+		return pending
+	case subnets != nil:
+		if err := subnets.Waiting(); err != nil {
+			return err
+		}
 	}
-	return nil
+	return errors.New("no subnet lease yet")
+}
+
+// holding reports whether the node holds a subnet lease.
+func (a *agent) holding() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.own.Subnet.IsValid() || a.own.IPv6Subnet.IsValid()
+}
+
+// waitingFor records why there is no lease yet while the subnet manager
+// cannot say it; nil clears it.
+func (a *agent) waitingFor(why error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.pending = why
+}
+
+// setSubnets makes the subnet manager the one to say why there is no lease
+// yet, as soon as it exists (it may wait long before Keep starts).
+func (a *agent) setSubnets(s subnetManager) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.subnets = s
 }
 
 // subnetFileReady checks the file on disk, not just that it was written
@@ -313,7 +395,7 @@ func (a *agent) subnetFileReady() error {
 	if !a.subnetWrote.Load() {
 		return errors.New("not written yet")
 	}
-	env, err := subnetenv.Read(a.opts.SubnetFile)
+	env, err := subnetenv.Read(a.subnetFile)
 	if err != nil {
 		return err
 	}
@@ -321,7 +403,7 @@ func (a *agent) subnetFileReady() error {
 	own := a.own
 	a.mu.Unlock()
 	if env.Subnet.Masked() != own.Subnet || env.IPv6Subnet.Masked() != own.IPv6Subnet {
-		return fmt.Errorf("%s says %s, the lease is %s", a.opts.SubnetFile, env.Subnet, own.Subnet)
+		return fmt.Errorf("%s says %s, the lease is %s", a.subnetFile, env.Subnet, own.Subnet)
 	}
 	return nil
 }
@@ -383,7 +465,7 @@ func (a *agent) registerMetrics(reg *prometheus.Registry) {
 		Name: "loom_lease_held",
 		Help: "1 while this node holds a subnet lease.",
 	}, func() float64 {
-		if a.leaseReady() == nil {
+		if a.holding() {
 			return 1
 		}
 		return 0
@@ -404,9 +486,11 @@ func gateway(p netip.Prefix) netip.Prefix {
 // (*kubesubnet.Manager). Keep holds the node's subnet and reports each
 // lease it gets; List and Watch report every node's lease (the own one
 // included), Watch relative to List's result; Guard screens what they
-// report before it reaches the data path.
+// report before it reaches the data path. Waiting says why Keep has not
+// reported a lease yet (nil once it has), for /readyz.
 type subnetManager interface {
 	Keep(ctx context.Context, req registry.Request, onLease func(lease.Lease)) error
+	Waiting() error
 	List(ctx context.Context) ([]lease.Lease, int64, error)
 	Watch(ctx context.Context, fromRevision int64, known []lease.Lease, out func([]lease.Event)) error
 	Guard(cfg netconf.Config) *registry.Guard
@@ -414,13 +498,14 @@ type subnetManager interface {
 }
 
 // openSubnets connects to the subnet store -kube-subnet-mgr chooses and
-// reads the network config. In Kubernetes mode it may also fill in the
-// node's name (from its pod, as in kube-flannel.yml) and public addresses
-// (the Node's node-public-ip annotations, as flanneld honours them) in
-// opts.
-func openSubnets(ctx context.Context, opts *options.Options, log *slog.Logger, metrics *prometheus.Registry) (subnetManager, netconf.Config, error) {
+// reads the network config, making the store the agent's (setSubnets) as
+// soon as it exists, so /readyz says why it waits. In Kubernetes mode it
+// may also fill in the node's name (from its pod, as in kube-flannel.yml)
+// and public addresses (the Node's node-public-ip annotations, as
+// flanneld honours them) in opts.
+func (a *agent) openSubnets(ctx context.Context, opts *options.Options, metrics *prometheus.Registry) (subnetManager, netconf.Config, error) {
 	if opts.KubeSubnetMgr {
-		return openKube(ctx, opts, log, metrics)
+		return a.openKube(ctx, opts, metrics)
 	}
 	reg, err := registry.New(ctx, registry.Config{
 		Endpoints:      opts.EtcdEndpoints,
@@ -433,18 +518,33 @@ func openSubnets(ctx context.Context, opts *options.Options, log *slog.Logger, m
 		DialTimeout:    opts.EtcdDialTimeout,
 		RequestTimeout: opts.EtcdRequestTimeout,
 		TTL:            opts.SubnetLeaseTTL,
-		Logger:         log,
+		Logger:         a.log,
 		Metrics:        metrics,
 	})
 	if err != nil {
 		return nil, netconf.Config{}, err
 	}
-	cfg, err := networkConfig(ctx, *opts, reg, log)
+	s := etcdSubnets{reg}
+	a.setSubnets(s)
+	cfg, err := networkConfig(ctx, *opts, reg, a.log, a.waitingFor)
 	if err != nil {
 		reg.Close()
 		return nil, netconf.Config{}, err
 	}
-	return reg, cfg, nil
+	return s, cfg, nil
+}
+
+// etcdSubnets is the etcd registry as the agent's subnet manager.
+type etcdSubnets struct{ *registry.Registry }
+
+// Waiting says why the registry holds no lease for the node yet: the
+// store is unreachable (its last reachability check's error), or Keep is
+// still acquiring.
+func (e etcdSubnets) Waiting() error {
+	if ok, err := e.Reachable(); !ok && err != nil {
+		return fmt.Errorf("no subnet lease yet: the store is unreachable: %w", err)
+	}
+	return errors.New("no subnet lease yet")
 }
 
 // kubeSubnets is the Kubernetes subnet manager with the client it owns.
@@ -458,10 +558,11 @@ func (k kubeSubnets) Close() error {
 	return errors.Join(err, k.client.Close())
 }
 
-func openKube(ctx context.Context, opts *options.Options, log *slog.Logger, metrics *prometheus.Registry) (subnetManager, netconf.Config, error) {
+func (a *agent) openKube(ctx context.Context, opts *options.Options, metrics *prometheus.Registry) (subnetManager, netconf.Config, error) {
+	log := a.log
 	// In Kubernetes mode the network config is a file (the DaemonSet
 	// mounts net-conf.json from its ConfigMap), as in flanneld.
-	cfg, err := networkConfig(ctx, *opts, nil, log)
+	cfg, err := networkConfig(ctx, *opts, nil, log, nil)
 	if err != nil {
 		return nil, netconf.Config{}, err
 	}
@@ -491,31 +592,42 @@ func openKube(ctx context.Context, opts *options.Options, log *slog.Logger, metr
 		AnnotationPrefix: opts.KubeAnnotationPrefix,
 		Logger:           log,
 		Metrics:          metrics,
+		// flanneld's -set-node-network-unavailable=false: not our condition.
+		LeaveNetworkUnavailable: !opts.SetNodeNetworkUnavailable,
 	})
 	if err != nil {
 		client.Close()
 		return nil, netconf.Config{}, err
 	}
+	if !opts.SetNodeNetworkUnavailable {
+		log.Info("leaving the Node's NetworkUnavailable condition alone (-set-node-network-unavailable=false)")
+	}
 	k := kubeSubnets{Manager: mgr, client: client}
+	a.setSubnets(k)
 	v4, v6, err := mgr.NodePublicIPs(ctx)
 	if err != nil {
 		k.Close()
 		return nil, netconf.Config{}, err
 	}
 	if v4.IsValid() {
-		log.Info("public IP from the Node's annotation, in place of -public-ip", "annotation", opts.KubeAnnotationPrefix+"node-public-ip", "public-ip", v4)
+		log.Info("public IP from the Node's annotation, in place of -public-ip", "annotation", opts.KubeAnnotationPrefix+kubesubnet.AnnNodePublicIP, "public-ip", v4)
 		opts.PublicIP = v4
 	}
 	if v6.IsValid() {
-		log.Info("public IPv6 from the Node's annotation, in place of -public-ipv6", "annotation", opts.KubeAnnotationPrefix+"node-public-ipv6", "public-ipv6", v6)
+		log.Info("public IPv6 from the Node's annotation, in place of -public-ipv6", "annotation", opts.KubeAnnotationPrefix+kubesubnet.AnnNodePublicIPv6, "public-ipv6", v6)
 		opts.PublicIPv6 = v6
 	}
 	return k, cfg, nil
 }
 
 // networkConfig reads the network configuration from the file named by
-// -net-config-path when it was given or in Kubernetes mode, else from etcd.
-func networkConfig(ctx context.Context, opts options.Options, reg *registry.Registry, log *slog.Logger) (netconf.Config, error) {
+// -net-config-path when it was given or in Kubernetes mode, else from etcd,
+// waiting for it there; waiting (when not nil) is told why it waits, and
+// nil when the wait is over.
+func networkConfig(ctx context.Context, opts options.Options, reg *registry.Registry, log *slog.Logger, waiting func(error)) (netconf.Config, error) {
+	if waiting == nil {
+		waiting = func(error) {}
+	}
 	if opts.NetConfigPathSet || opts.KubeSubnetMgr {
 		data, err := os.ReadFile(opts.NetConfigPath)
 		if err != nil {
@@ -537,11 +649,13 @@ func networkConfig(ctx context.Context, opts options.Options, reg *registry.Regi
 	for {
 		cfg, err := reg.NetworkConfig(ctx)
 		if err == nil {
+			waiting(nil)
 			return cfg, nil
 		}
 		if ctx.Err() != nil {
 			return netconf.Config{}, err
 		}
+		waiting(fmt.Errorf("waiting for the network config (etcd at %s): %w", strings.Join(opts.EtcdEndpoints, ","), err))
 		if err.Error() != lastErr {
 			log.Warn("waiting for the network config", "err", err)
 			lastErr = err.Error()

@@ -14,7 +14,10 @@ import (
 	"github.com/loomnet/loom/internal/options"
 )
 
-// Address plan: pods 10.244.0.0/16 and fc00::/48.
+// Address plan: pods 10.244.0.0/16 and fc00::/48. Servers (the health
+// server, an embedded etcd) listen on free ports of 127.0.0.1 only; nothing
+// here touches a network namespace's addresses, routes or rules: the
+// agents under test never get as far as the kernel.
 
 func TestGatewayIsSubnetEnvForm(t *testing.T) {
 	for _, tc := range []struct{ in, want string }{
@@ -37,7 +40,7 @@ func TestNetworkConfigFromFile(t *testing.T) {
 	if err := os.WriteFile(good, []byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := networkConfig(context.Background(), options.Options{NetConfigPath: good, NetConfigPathSet: true}, nil, nil)
+	cfg, err := networkConfig(context.Background(), options.Options{NetConfigPath: good, NetConfigPathSet: true}, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +52,7 @@ func TestNetworkConfigFromFile(t *testing.T) {
 	if err := os.WriteFile(bad, []byte(`{"Network":"10.244.0.0/16","SubnetLen":16}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, err = networkConfig(context.Background(), options.Options{NetConfigPath: bad, NetConfigPathSet: true}, nil, nil)
+	_, err = networkConfig(context.Background(), options.Options{NetConfigPath: bad, NetConfigPathSet: true}, nil, nil, nil)
 	if err == nil || !strings.Contains(err.Error(), bad) || !strings.Contains(err.Error(), "SubnetLen 16") {
 		t.Fatalf("error %v, want one naming the file and the field", err)
 	}
@@ -74,7 +77,7 @@ func TestKubeModeReadsNetConfFile(t *testing.T) {
 	if err := os.WriteFile(path, []byte(`{"Network":"10.244.0.0/16"}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := networkConfig(context.Background(), options.Options{KubeSubnetMgr: true, NetConfigPath: path}, nil, nil)
+	cfg, err := networkConfig(context.Background(), options.Options{KubeSubnetMgr: true, NetConfigPath: path}, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package doctor
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"net/netip"
@@ -9,6 +10,7 @@ import (
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
+	"github.com/loomnet/loom/internal/kubesubnet"
 	"github.com/loomnet/loom/internal/netconf"
 )
 
@@ -121,20 +123,27 @@ func checkPodCIDRVsNetwork(f *Facts) Result {
 		if len(bare) > 0 {
 			ev = append(ev, fmt.Sprintf("no podCIDR either: %s of %d other Nodes (%s)", plural(len(bare), "Node"), len(f.Kube.Peers), strings.Join(bare, ", ")))
 		}
-		cc := clusterCIDR(cfg)
-		return fail(fmt.Sprintf("pod cidr not assigned to node %s: the agent waits for one, and the node has no pod network", n.Name),
-			fmt.Sprintf("kube-controller-manager assigns podCIDRs only with --allocate-node-cidrs=true --cluster-cidr=%s "+
-				"(kubeadm init --pod-network-cidr=%s; on a running cluster add both flags to /etc/kubernetes/manifests/kube-controller-manager.yaml, "+
-				"and Nodes without a podCIDR get one); or set it by hand: kubectl patch node %s -p '{\"spec\":{\"podCIDR\":\"SUBNET\",\"podCIDRs\":[\"SUBNET\"]}}'",
-				cc, cc, n.Name), ev...)
+		// The agent's own words, and its fix.
+		e := kubesubnet.NoPodCIDR(n.Name, *cfg, f.Opts.NetConfigPath)
+		return fail(e.Problem+": the agent waits for one, and the node has no pod network", e.Fix, ev...)
 	}
 	ev = append(ev, fmt.Sprintf("Node %s: spec.podCIDRs %s (assigned by kube-controller-manager from its --cluster-cidr)", n.Name, strings.Join(n.PodCIDRs, ",")))
-	own := podCIDRProblems(*n, cfg)
-	problems = append(problems, own...)
-	var outside []string
+	own := podCIDRProblem(*n, cfg, f.Opts.NetConfigPath)
+	if own != nil {
+		problems = append(problems, own.Problem)
+	}
+	var (
+		outside  []string                   // peers' podCIDRs outside the network
+		unusable []*kubesubnet.PodCIDRError // peers' podCIDRs wrong otherwise
+	)
 	for _, p := range f.Kube.Peers {
-		if p.HasPodCIDR() && len(podCIDRProblems(p, cfg)) > 0 {
+		switch pe := podCIDRProblem(p, cfg, f.Opts.NetConfigPath); {
+		case pe == nil:
+		case errors.Is(pe, kubesubnet.ErrPodCIDROutsideNetwork):
 			outside = append(outside, fmt.Sprintf("%s (%s)", strings.Join(p.PodCIDRs, ","), p.Name))
+		default:
+			unusable = append(unusable, pe)
+			problems = append(problems, pe.Problem)
 		}
 	}
 	if len(outside) > 0 {
@@ -143,11 +152,17 @@ func checkPodCIDRVsNetwork(f *Facts) Result {
 	if len(problems) == 0 {
 		return ok(fmt.Sprintf("this node's podCIDR %s and every peer's lie inside %s", strings.Join(n.PodCIDRs, ","), nets), ev...)
 	}
+	mismatch := len(outside) > 0 || (own != nil && errors.Is(own, kubesubnet.ErrPodCIDROutsideNetwork))
 	fix := restart
-	if len(own) > 0 || len(outside) > 0 {
+	switch {
+	case !mismatch && own != nil:
+		fix = own.Fix // a family missing, a podCIDR that does not parse: the agent's fix
+	case !mismatch && len(unusable) > 0:
+		fix = unusable[0].Fix
+	case mismatch:
 		fix = fmt.Sprintf("use one pod CIDR everywhere: set \"Network\" in %s (net-conf.json of the loom-config ConfigMap: kubectl -n loom edit configmap loom-config) "+
 			"to the cluster's pod CIDR, kube-controller-manager's --cluster-cidr (kubeadm's --pod-network-cidr; kubectl cluster-info dump | grep -m1 cluster-cidr shows it), "+
-			"and restart the agents; or re-create the cluster with kubeadm init --pod-network-cidr=%s", f.Opts.NetConfigPath, clusterCIDR(cfg))
+			"and restart the agents; or re-create the cluster with kubeadm init --pod-network-cidr=%s", f.Opts.NetConfigPath, kubesubnet.ClusterCIDR(*cfg))
 	}
 	return fail(strings.Join(problems, "; "), fix, ev...)
 }
@@ -164,49 +179,20 @@ func configNetworks(cfg *netconf.Config) string {
 	return strings.Join(parts, " and ")
 }
 
-// clusterCIDR is what kube-controller-manager's --cluster-cidr must be for
-// cfg: Network, and IPv6Network in dual stack.
-func clusterCIDR(cfg *netconf.Config) string {
-	var parts []string
-	if cfg.EnableIPv4 && cfg.Network.IsValid() {
-		parts = append(parts, cfg.Network.String())
-	}
-	if cfg.EnableIPv6 && cfg.IPv6Network.IsValid() {
-		parts = append(parts, cfg.IPv6Network.String())
-	}
-	return strings.Join(parts, ",")
-}
-
-// podCIDRProblems says why the agent cannot take a Node's podCIDRs with
-// cfg: one that does not parse, a family the config enables without a
-// podCIDR, a podCIDR outside its network. Empty when it can (or when the
-// Node has none: that is the controller's business, reported apart).
-func podCIDRProblems(n KubeNode, cfg *netconf.Config) []string {
+// podCIDRProblem says why the agent cannot take a Node's podCIDRs with
+// cfg, in the agent's words (kubesubnet.NodeSubnets): one that does not
+// parse, a family the config enables without a podCIDR, a podCIDR outside
+// its network. nil when it can, or when the Node has none: that is the
+// controller's business, reported apart.
+func podCIDRProblem(n KubeNode, cfg *netconf.Config, netConfigPath string) *kubesubnet.PodCIDRError {
 	if !n.HasPodCIDR() {
 		return nil
 	}
-	v4, v6, err := parsePodCIDRs(n.PodCIDRs)
-	if err != nil {
-		return []string{fmt.Sprintf("node %s: %v", n.Name, err)}
+	var pe *kubesubnet.PodCIDRError
+	if _, _, err := kubesubnet.NodeSubnets(n.object(), *cfg, netConfigPath); errors.As(err, &pe) {
+		return pe
 	}
-	var out []string
-	for _, fam := range []struct {
-		enabled      bool
-		got, network netip.Prefix
-		family, key  string
-	}{
-		{cfg.EnableIPv4, v4, cfg.Network, "IPv4", "Network"},
-		{cfg.EnableIPv6, v6, cfg.IPv6Network, "IPv6", "IPv6Network"},
-	} {
-		switch {
-		case !fam.enabled:
-		case !fam.got.IsValid():
-			out = append(out, fmt.Sprintf("node %s has no %s podCIDR (podCIDRs %s) but the network config enables %s", n.Name, fam.family, strings.Join(n.PodCIDRs, ","), fam.family))
-		case !fam.network.IsValid() || fam.network.Bits() > fam.got.Bits() || !fam.network.Contains(fam.got.Addr()):
-			out = append(out, fmt.Sprintf("node %s's podCIDR %s is not inside %s %s", n.Name, fam.got, fam.key, fam.network))
-		}
-	}
-	return out
+	return nil
 }
 
 // ownPodCIDRUsable reports whether the agent can take this node's podCIDR:
@@ -216,18 +202,18 @@ func ownPodCIDRUsable(f *Facts) bool {
 	if n == nil || !n.HasPodCIDR() {
 		return false
 	}
-	return f.Config == nil || len(podCIDRProblems(*n, f.Config)) == 0
+	return f.Config == nil || podCIDRProblem(*n, f.Config, f.Opts.NetConfigPath) == nil
 }
 
 // requiredAnnotations are the annotations an agent writes on its Node for
 // cfg (flannel's set): without them peers do not route to the node.
 func requiredAnnotations(cfg *netconf.Config) []string {
-	names := []string{annKubeSubnetMgr, annBackendType}
+	names := []string{kubesubnet.AnnKubeSubnetManager, kubesubnet.AnnBackendType}
 	if cfg == nil || cfg.EnableIPv4 {
-		names = append(names, annBackendData, annPublicIP)
+		names = append(names, kubesubnet.AnnBackendData, kubesubnet.AnnPublicIP)
 	}
 	if cfg != nil && cfg.EnableIPv6 {
-		names = append(names, annBackendV6Data, annPublicIPv6)
+		names = append(names, kubesubnet.AnnBackendV6Data, kubesubnet.AnnPublicIPv6)
 	}
 	return names
 }
@@ -248,34 +234,34 @@ func checkKubeAnnotations(f *Facts) Result {
 	if !ownPodCIDRUsable(f) {
 		return skip("the agent writes the annotations once it holds a podCIDR: judged by %s", CheckNetworkLease)
 	}
-	n, p := *k.Node, k.Prefix
+	n, ann := *k.Node, k.annotations()
 	bt := f.backendType()
 	ev := append([]string{fmt.Sprintf("Node %s:", n.Name)}, orNone(sortedAnnotations(n))...)
 
 	var missing, problems []string
 	for _, name := range requiredAnnotations(f.Config) {
-		if _, found := n.Annotations[p+name]; !found {
-			missing = append(missing, p+name)
+		if _, found := n.Annotations[ann.Key(name)]; !found {
+			missing = append(missing, ann.Key(name))
 		}
 	}
-	if v, found := n.Annotations[p+annKubeSubnetMgr]; found && v != annotationTrue {
-		problems = append(problems, fmt.Sprintf("%s%s is %q, not \"true\"", p, annKubeSubnetMgr, v))
+	if v, found := n.Annotations[ann.Key(kubesubnet.AnnKubeSubnetManager)]; found && !ann.Managed(n.Annotations) {
+		problems = append(problems, fmt.Sprintf("%s is %q, not \"true\"", ann.Key(kubesubnet.AnnKubeSubnetManager), v))
 	}
 	if len(missing) > 0 {
 		problems = append(problems, "missing "+strings.Join(missing, ", "))
 	}
-	if got := n.Annotations[p+annBackendType]; got != "" && bt != "" && got != bt {
+	if got := n.Annotations[ann.Key(kubesubnet.AnnBackendType)]; got != "" && bt != "" && got != bt {
 		problems = append(problems, fmt.Sprintf("backend-type is %s but %s says %s: every peer's backend skips this node", got, f.ConfigFrom, bt))
 	}
-	if _, err := annotationAddr(n, p+annPublicIP, false); err != nil {
-		problems = append(problems, err.Error())
-	} else if v := n.Annotations[p+annPublicIP]; v != "" && (f.Config == nil || f.Config.EnableIPv4) {
+	if _, err := ann.PublicIP(n.Annotations, kubesubnet.AnnPublicIP, false); err != nil {
+		problems = append(problems, problem(err))
+	} else if v := n.Annotations[ann.Key(kubesubnet.AnnPublicIP)]; v != "" && (f.Config == nil || f.Config.EnableIPv4) {
 		if ip, _ := netip.ParseAddr(v); ip.IsUnspecified() {
-			problems = append(problems, fmt.Sprintf("%s%s is %s: the agent found no IPv4 address, peers cannot reach the node", p, annPublicIP, v))
+			problems = append(problems, fmt.Sprintf("%s is %s: the agent found no IPv4 address, peers cannot reach the node", ann.Key(kubesubnet.AnnPublicIP), v))
 		}
 	}
-	if _, err := annotationJSON(n, p+annBackendData); err != nil {
-		problems = append(problems, err.Error())
+	if _, err := ann.BackendData(n.Annotations, kubesubnet.AnnBackendData); err != nil {
+		problems = append(problems, problem(err))
 	}
 	if len(problems) > 0 {
 		return fail(fmt.Sprintf("Node %s's annotations do not announce it to its peers: %s; no peer routes to its pods", n.Name, strings.Join(problems, "; ")),
@@ -297,23 +283,24 @@ func checkKubeAnnotations(f *Facts) Result {
 				"kubectl -n loom get pods -o wide shows where it runs; a Node without a podCIDR needs kube-controller-manager --allocate-node-cidrs=true", orDefault(bt, "the config's")),
 			append(ev, unrouted...)...)
 	}
-	return ok(fmt.Sprintf("Node %s announces %s at %s; %s announced", n.Name, n.Annotations[p+annBackendType], n.Annotations[p+annPublicIP], plural(len(k.Peers), "peer")+isAre(len(k.Peers))), ev...)
+	return ok(fmt.Sprintf("Node %s announces %s at %s; %s announced", n.Name, n.Annotations[ann.Key(kubesubnet.AnnBackendType)], n.Annotations[ann.Key(kubesubnet.AnnPublicIP)],
+		plural(len(k.Peers), "peer")+isAre(len(k.Peers))), ev...)
 }
 
 // unroutedPeer says why this node's agent does not route to a peer Node,
 // "" when it does.
 func unroutedPeer(f *Facts, n KubeNode) string {
-	p := f.Kube.Prefix
-	_, annotated := n.Annotations[p+annKubeSubnetMgr]
+	key := f.Kube.annotations().Key(kubesubnet.AnnKubeSubnetManager)
+	_, annotated := n.Annotations[key]
 	switch {
 	case !n.HasPodCIDR() && !annotated:
 		return "no podCIDR and no annotations: its agent waits for a podCIDR"
 	case !n.HasPodCIDR():
 		return "annotated but no podCIDR"
 	case !annotated:
-		return "no " + p + annKubeSubnetMgr + " annotation: no agent in Kubernetes mode announces it (none ever ran there, or it is down and the annotations were removed)"
+		return "no " + key + " annotation: no agent in Kubernetes mode announces it (none ever ran there, or it is down and the annotations were removed)"
 	case n.LeaseErr != nil:
-		return n.LeaseErr.Error()
+		return problem(n.LeaseErr)
 	case !f.sameBackend(n.Lease):
 		return fmt.Sprintf("backend %s, this node %s: skipped", orDefault(n.Lease.Attrs.BackendType, "udp"), f.backendType())
 	}
@@ -331,7 +318,9 @@ func orDefault(s, def string) string {
 // is True, the node lifecycle controller taints it
 // (node.kubernetes.io/network-unavailable) and the scheduler keeps pods
 // off. Cloud route controllers start Nodes that way; the agent turns it
-// False once it holds the subnet.
+// False once it holds the subnet, unless it runs with flanneld's
+// -set-node-network-unavailable=false: then the condition is someone
+// else's (a cloud route controller, another plugin) and not judged here.
 func checkKubeNetworkUnavailable(f *Facts) Result {
 	if !f.kube() {
 		return skip("not in Kubernetes mode")
@@ -341,6 +330,13 @@ func checkKubeNetworkUnavailable(f *Facts) Result {
 		return skip("needs this node's Node (see %s)", CheckStore)
 	}
 	n := k.Node
+	if !f.Opts.SetNodeNetworkUnavailable {
+		state := "not set"
+		if c := n.NetworkUnavailable; c != nil {
+			state = fmt.Sprintf("%s (reason %s)", c.Status, orDefault(c.Reason, "none"))
+		}
+		return skip("the agent runs with -set-node-network-unavailable=false: Node %s's NetworkUnavailable condition (%s) is not its job", n.Name, state)
+	}
 	fix := fmt.Sprintf("the agent sets NetworkUnavailable=False once it holds the node's subnet: see %s and %s, and read its log "+
 		"(kubectl -n loom get pods -o wide --field-selector spec.nodeName=%s, then kubectl -n loom logs POD); its user needs patch on nodes/status",
 		CheckNetworkLease, CheckAgentReady, n.Name)

@@ -20,6 +20,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+
+	"github.com/loomnet/loom/internal/kubesubnet"
 )
 
 const testPrefix = "flannel.alpha.coreos.com/"
@@ -61,7 +63,7 @@ func healthyKubeFacts(t testing.TB) *Facts {
 // rederive reads the leases and the registry view from the Kubernetes
 // facts, as Gather does.
 func rederive(f *Facts) {
-	f.Kube.readLeases(f.Config)
+	f.Kube.readLeases(f.Config, f.Opts.NetConfigPath)
 	f.Store = kubeStore(f.Kube)
 }
 
@@ -135,17 +137,22 @@ func TestCheckNetworkVsPodCIDR(t *testing.T) {
 	}
 	runKubeCases(t, checkNetworkVsLease, []checkCase{
 		{name: "healthy", want: OK, in: "this node's podCIDR 10.244.1.0/24 and every peer's lie inside Network 10.244.0.0/16"},
-		{name: "pod cidr not assigned", change: noPodCIDR, want: Fail, in: "pod cidr not assigned to node n1",
-			fix: "--allocate-node-cidrs=true --cluster-cidr=10.244.0.0/16 (kubeadm init --pod-network-cidr=10.244.0.0/16"},
+		{name: "pod cidr not assigned", change: noPodCIDR, want: Fail, in: "pod cidr not assigned to node n1: the agent waits for one",
+			fix: "--allocate-node-cidrs=true and --cluster-cidr=10.244.0.0/16 (kubeadm init --pod-network-cidr=10.244.0.0/16"},
+		{name: "pod cidr not assigned: the agent's very words", change: noPodCIDR, want: Fail,
+			fix: kubesubnet.NoPodCIDR("n1", *mustConfig(t, `{"Network":"10.244.0.0/16"}`), "/etc/kube-flannel/net-conf.json").Fix},
 		{name: "no node has one: allocation is off", change: func(f *Facts) {
 			noPodCIDR(f)
 			peer(f, "n2").PodCIDRs, peer(f, "n3").PodCIDRs = nil, nil
 		}, want: Fail, in: "no podCIDR either: 2 Nodes of 2 other Nodes (n2, n3)", fix: "kubectl patch node n1"},
 		{name: "cluster CIDR is not Network", change: otherClusterCIDR, want: Fail,
-			in: "node n1's podCIDR 10.245.1.0/24 is not inside Network 10.244.0.0/16", fix: `set "Network" in /etc/kube-flannel/net-conf.json`},
+			in:  "node n1 has podCIDR 10.245.1.0/24 (from kube-controller-manager --cluster-cidr), which is not inside Network 10.244.0.0/16 of /etc/kube-flannel/net-conf.json",
+			fix: `set "Network" in /etc/kube-flannel/net-conf.json`},
 		{name: "cluster CIDR is not Network: evidence says where each came from", change: otherClusterCIDR, want: Fail,
 			in:  "file /etc/kube-flannel/net-conf.json: Network 10.244.0.0/16\nNode n1: spec.podCIDRs 10.245.1.0/24 (assigned by kube-controller-manager",
 			fix: "--pod-network-cidr=10.244.0.0/16"},
+		{name: "cluster CIDR is not Network: the agent's very words", change: otherClusterCIDR, want: Fail,
+			in: kubesubnet.PodCIDROutsideNetwork("n1", pfx("10.245.1.0/24"), pfx("10.244.0.0/16"), "Network", "/etc/kube-flannel/net-conf.json").Problem},
 		{name: "cluster CIDR is not Network: peers too", change: otherClusterCIDR, want: Fail, in: "2 peer podCIDRs are outside Network 10.244.0.0/16: 10.245.2.0/24 (n2), 10.245.3.0/24 (n3)"},
 		{name: "a hand-made peer outside", change: func(f *Facts) { peer(f, "n3").PodCIDRs = []string{"10.96.3.0/24"} },
 			want: Fail, in: "10.96.3.0/24 (n3)"},
@@ -154,7 +161,8 @@ func TestCheckNetworkVsPodCIDR(t *testing.T) {
 		}, want: Fail, in: "the agent runs with Network 10.244.0.0/16 (subnet.env) but file /etc/kube-flannel/net-conf.json says 10.0.0.0/8", fix: "rollout restart"},
 		{name: "dual stack without an IPv6 podCIDR", change: func(f *Facts) {
 			f.Config = mustConfig(t, `{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}`)
-		}, want: Fail, in: "node n1 has no IPv6 podCIDR (podCIDRs 10.244.1.0/24) but the network config enables IPv6"},
+		}, want: Fail, in: "node n1 has no IPv6 podCIDR (podCIDRs [10.244.1.0/24]), but /etc/kube-flannel/net-conf.json enables IPv6",
+			fix: `give kube-controller-manager an IPv6 --cluster-cidr (kubeadm --pod-network-cidr), or set "EnableIPv6": false`},
 		{name: "dual stack", change: func(f *Facts) {
 			f.Config = mustConfig(t, `{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}`)
 			for i, n := range append([]*KubeNode{f.Kube.Node}, peer(f, "n2"), peer(f, "n3")) {
@@ -162,7 +170,7 @@ func TestCheckNetworkVsPodCIDR(t *testing.T) {
 			}
 		}, want: OK, in: "inside Network 10.244.0.0/16 and IPv6Network fd00:10:244::/56"},
 		{name: "podCIDR with host bits", change: func(f *Facts) { f.Kube.Node.PodCIDRs = []string{"10.244.1.7/24"} },
-			want: Fail, in: `podCIDR "10.244.1.7/24" is not a network address`},
+			want: Fail, in: `node n1: podCIDR 10.244.1.7/24 has host bits set`},
 		{name: "Node unreadable", change: func(f *Facts) { f.Kube.Node, f.Kube.NodeErr = nil, forbidden() }, want: Skip, in: CheckStore},
 		{name: "no config file", change: func(f *Facts) {
 			f.Config, f.ConfigErr = nil, fmt.Errorf("open /etc/kube-flannel/net-conf.json: %w", os.ErrNotExist)
@@ -193,7 +201,7 @@ func TestCheckKubeAnnotations(t *testing.T) {
 		{name: "this node without an address", change: func(f *Facts) { f.Kube.Node.Annotations[testPrefix+"public-ip"] = "0.0.0.0" },
 			want: Fail, in: "public-ip is 0.0.0.0"},
 		{name: "this node with garbage", change: func(f *Facts) { f.Kube.Node.Annotations[testPrefix+"backend-data"] = "{VtepMAC" },
-			want: Fail, in: "backend-data is not JSON"},
+			want: Fail, in: `flannel.alpha.coreos.com/backend-data="{VtepMAC" is not JSON`},
 		{name: "a peer whose agent never ran", change: unannotated("n3"), want: Warn,
 			in: "1 peer of 2 gets no route from this node: n3 (no flannel.alpha.coreos.com/kube-subnet-manager annotation", fix: "kubectl -n loom get pods -o wide"},
 		{name: "a peer of another backend", change: func(f *Facts) {
@@ -257,6 +265,14 @@ func TestCheckKubeNetworkUnavailable(t *testing.T) {
 			f.Ready = ReadyFacts{}
 		}, want: Warn, in: "-healthz-port 0"},
 		{name: "unknown", change: func(f *Facts) { f.Kube.Node.NetworkUnavailable.Status = "Unknown" }, want: Warn, in: "NetworkUnavailable=Unknown"},
+		{name: "not the agent's job (-set-node-network-unavailable=false)", change: func(f *Facts) {
+			f.Opts.SetNodeNetworkUnavailable = false
+			f.Kube.Node.NetworkUnavailable = &KubeCondition{Status: "True", Reason: "NoRouteCreated"}
+		}, want: Skip, in: "-set-node-network-unavailable=false: Node n1's NetworkUnavailable condition (True (reason NoRouteCreated)) is not its job"},
+		{name: "not the agent's job, and not set", change: func(f *Facts) {
+			f.Opts.SetNodeNetworkUnavailable = false
+			unset(f)
+		}, want: Skip, in: "(not set) is not its job"},
 		{name: "API down", change: func(f *Facts) { f.Kube.Err = errors.New("connection refused") }, want: Skip},
 	})
 }
@@ -350,7 +366,7 @@ func TestReadKubeNode(t *testing.T) {
 		readKubeNode(node("n3", "10.244.3.0/24", nil), testPrefix),
 		readKubeNode(node("n4", "", announced), testPrefix),
 	}
-	k.readLeases(cfg)
+	k.readLeases(cfg, "/etc/kube-flannel/net-conf.json")
 
 	if own.NetworkUnavailable == nil || own.NetworkUnavailable.Status != "True" || own.NetworkUnavailable.Reason != "NoRouteCreated" || own.ResourceVersion != "7" {
 		t.Errorf("own Node read as %+v", own)
@@ -367,7 +383,7 @@ func TestReadKubeNode(t *testing.T) {
 		t.Errorf("peer lease %+v, %v", n2.Lease, n2.LeaseErr)
 	}
 	for _, p := range k.Peers[1:] {
-		if !errors.Is(p.LeaseErr, errNotPeer) {
+		if !errors.Is(p.LeaseErr, kubesubnet.ErrNotPeer) {
 			t.Errorf("%s: lease error %v, want not a peer", p.Name, p.LeaseErr)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/loomnet/loom/internal/kubesubnet"
 	"github.com/loomnet/loom/internal/lease"
 )
 
@@ -37,7 +38,7 @@ func checkPublicIP(f *Facts) Result {
 	}
 	switch {
 	case haveOwn && f.publicIPOverridden(own.Attrs.PublicIP):
-		ev = append(ev, fmt.Sprintf("peers send to %s: the operator's %s%s annotation", own.Attrs.PublicIP, f.Kube.Prefix, annPublicIPOver))
+		ev = append(ev, fmt.Sprintf("peers send to %s: the operator's %s annotation", own.Attrs.PublicIP, f.Kube.annotations().Key(kubesubnet.AnnPublicIPOverwrite)))
 	case haveOwn && own.Attrs.PublicIP.IsValid() && own.Attrs.PublicIP != u.PublicIP:
 		problems = append(problems, fmt.Sprintf("this node's lease advertises %s but the flags choose %s", own.Attrs.PublicIP, u.PublicIP))
 		ev = append(ev, fmt.Sprintf("%s: PublicIP %s", f.leaseRef(own), own.Attrs.PublicIP))

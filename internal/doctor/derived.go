@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"strings"
 
+	"github.com/loomnet/loom/internal/kubesubnet"
 	"github.com/loomnet/loom/internal/lease"
 	"github.com/loomnet/loom/internal/netconf"
 )
@@ -119,7 +120,7 @@ func (f *Facts) publicIPOverridden(ip netip.Addr) bool {
 	if !f.kube() || n == nil {
 		return false
 	}
-	over, err := annotationAddr(*n, f.Kube.Prefix+annPublicIPOver, false)
+	over, err := f.Kube.annotations().PublicIP(n.Annotations, kubesubnet.AnnPublicIPOverwrite, false)
 	return err == nil && over.IsValid() && over == ip
 }
 

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -108,7 +107,7 @@ func gatherKube(ctx context.Context, cfg Config, netCfg *netconf.Config, nodeGiv
 		k.Peers = append(k.Peers, readKubeNode(&nodes[i], k.Prefix))
 	}
 	slices.SortFunc(k.Peers, func(a, b KubeNode) int { return strings.Compare(a.Name, b.Name) })
-	k.readLeases(netCfg)
+	k.readLeases(netCfg, o.NetConfigPath)
 	return k, node
 }
 
@@ -166,10 +165,7 @@ func serverVersion(ctx context.Context, cs kubernetes.Interface, timeout time.Du
 // readKubeNode keeps what doctor judges of a Node.
 func readKubeNode(n *v1.Node, prefix string) KubeNode {
 	kn := KubeNode{Name: n.Name, ResourceVersion: n.ResourceVersion, Annotations: map[string]string{}}
-	kn.PodCIDRs = slices.Clone(n.Spec.PodCIDRs)
-	if len(kn.PodCIDRs) == 0 && n.Spec.PodCIDR != "" {
-		kn.PodCIDRs = []string{n.Spec.PodCIDR}
-	}
+	kn.PodCIDRs = slices.Clone(kubesubnet.PodCIDRList(n))
 	for key, v := range n.Annotations {
 		if strings.HasPrefix(key, prefix) {
 			kn.Annotations[key] = v
@@ -183,18 +179,20 @@ func readKubeNode(n *v1.Node, prefix string) KubeNode {
 	return kn
 }
 
-// readLeases reads every Node's lease as the agent does with cfg: this
-// node's from its podCIDR, the peers' from podCIDR and annotations. cfg
+// readLeases reads every Node's lease as the agent does with cfg (read
+// from netConfigPath, for messages): this node's from its podCIDR, the
+// peers' from podCIDR and annotations, with kubesubnet's own reading. cfg
 // nil (no network config) leaves them unread.
-func (k *KubeFacts) readLeases(cfg *netconf.Config) {
+func (k *KubeFacts) readLeases(cfg *netconf.Config, netConfigPath string) {
+	ann := k.annotations()
 	read := func(n *KubeNode, own bool) {
 		switch {
 		case cfg == nil:
 			n.Lease, n.LeaseErr = lease.Lease{}, errors.New("no network config to read the Node with")
 		case own:
-			n.Lease, n.LeaseErr = ownNodeLease(*n, *cfg, k.Prefix)
+			n.Lease, n.LeaseErr = ann.OwnLease(n.object(), *cfg, netConfigPath)
 		default:
-			n.Lease, n.LeaseErr = peerNodeLease(*n, *cfg, k.Prefix)
+			n.Lease, n.LeaseErr = ann.NodeLease(n.object(), *cfg)
 		}
 	}
 	if k.Node != nil {
@@ -205,168 +203,29 @@ func (k *KubeFacts) readLeases(cfg *netconf.Config) {
 	}
 }
 
-// The agent's reading of a Node.
-//
-// REPLACE with kubesubnet's translation once it exports it (the agent's
-// node → lease: annotation names, podCIDR parsing, what makes a peer). This
-// is the smallest copy doctor needs meanwhile; it follows the agent's
-// rules (internal/kubesubnet/node.go) and must not grow.
-
-// Annotation names after the prefix (flannel's).
-const (
-	annKubeSubnetMgr  = "kube-subnet-manager"
-	annBackendType    = "backend-type"
-	annBackendData    = "backend-data"
-	annPublicIP       = "public-ip"
-	annBackendV6Data  = "backend-v6-data"
-	annPublicIPv6     = "public-ipv6"
-	annPublicIPOver   = "public-ip-overwrite"
-	annNodePublicIP   = "node-public-ip"
-	annotationTrue    = "true"
-	backendDataNone   = "null" // what flanneld writes for a backend without data
-	leaseExpiryOfNode = 24 * time.Hour
-)
-
-// errNotPeer is a Node the agent does not route to because its agent never
-// announced it: no podCIDR, or no kube-subnet-manager annotation.
-var errNotPeer = errors.New("not a peer: no podCIDR or no kube-subnet-manager annotation")
-
-// errNoPodCIDR is a Node without a pod CIDR.
-var errNoPodCIDR = errors.New("no podCIDR assigned")
-
-// parsePodCIDRs splits a Node's pod CIDRs by family.
-func parsePodCIDRs(list []string) (v4, v6 netip.Prefix, err error) {
-	if len(list) > 2 {
-		return v4, v6, fmt.Errorf("spec.podCIDRs %v has %d entries: at most one IPv4 and one IPv6 CIDR", list, len(list))
-	}
-	for _, s := range list {
-		p, perr := netip.ParsePrefix(s)
-		if perr != nil || p != p.Masked() {
-			return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("podCIDR %q is not a network address with a prefix length", s)
-		}
-		dst := &v4
-		if p.Addr().Is6() {
-			dst = &v6
-		}
-		if dst.IsValid() {
-			return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("spec.podCIDRs %v has two CIDRs of one family", list)
-		}
-		*dst = p
-	}
-	return v4, v6, nil
+// annotations are the agent's annotation keys and readers, under the
+// agent's prefix.
+func (k KubeFacts) annotations() kubesubnet.Annotations {
+	return kubesubnet.Annotations{Prefix: k.Prefix}
 }
 
-// ownNodeLease is this node's lease: its podCIDRs of the enabled families,
-// with whatever attributes its annotations carry (kube-annotations judges
-// those), so subnet.env and the data path can be compared with it.
-func ownNodeLease(n KubeNode, cfg netconf.Config, prefix string) (lease.Lease, error) {
-	if !n.HasPodCIDR() {
-		return lease.Lease{}, errNoPodCIDR
+// object is the Node again, as far as doctor kept it: what kubesubnet
+// reads (name, podCIDRs, annotations).
+func (n KubeNode) object() *v1.Node {
+	return &v1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: n.Name, ResourceVersion: n.ResourceVersion, Annotations: n.Annotations},
+		Spec:       v1.NodeSpec{PodCIDRs: n.PodCIDRs},
 	}
-	v4, v6, err := parsePodCIDRs(n.PodCIDRs)
-	if err != nil {
-		return lease.Lease{}, err
-	}
-	l := lease.Lease{Attrs: lease.Attrs{NodeName: n.Name, BackendType: n.Annotations[prefix+annBackendType]},
-		Expiration: time.Now().Add(leaseExpiryOfNode)}
-	if cfg.EnableIPv4 {
-		l.Subnet = v4
-		l.Attrs.PublicIP, _ = annotationAddr(n, prefix+annPublicIP, false)
-		l.Attrs.BackendData, _ = annotationJSON(n, prefix+annBackendData)
-	}
-	if cfg.EnableIPv6 {
-		l.IPv6Subnet = v6
-		if ip, _ := annotationAddr(n, prefix+annPublicIPv6, true); ip.IsValid() {
-			l.Attrs.PublicIPv6 = &ip
-		}
-		l.Attrs.BackendV6Data, _ = annotationJSON(n, prefix+annBackendV6Data)
-	}
-	if !l.Subnet.IsValid() && !l.IPv6Subnet.IsValid() {
-		return lease.Lease{}, fmt.Errorf("no podCIDR of a family the network config enables (podCIDRs %v)", n.PodCIDRs)
-	}
-	return l, nil
 }
 
-// peerNodeLease is the lease the agent reads from a peer Node, or why it
-// reads none.
-func peerNodeLease(n KubeNode, cfg netconf.Config, prefix string) (lease.Lease, error) {
-	if n.Annotations[prefix+annKubeSubnetMgr] != annotationTrue || !n.HasPodCIDR() {
-		return lease.Lease{}, errNotPeer
+// problem is what is wrong with an annotation or a podCIDR, without the
+// skip reason kubesubnet adds for its metric.
+func problem(err error) string {
+	var skip *kubesubnet.SkipError
+	if errors.As(err, &skip) {
+		return skip.Detail
 	}
-	v4, v6, err := parsePodCIDRs(n.PodCIDRs)
-	if err != nil {
-		return lease.Lease{}, err
-	}
-	l := lease.Lease{Attrs: lease.Attrs{NodeName: n.Name, BackendType: n.Annotations[prefix+annBackendType]},
-		Expiration: time.Now().Add(leaseExpiryOfNode)}
-	if l.Attrs.BackendType == "" {
-		return lease.Lease{}, fmt.Errorf("no %s annotation", prefix+annBackendType)
-	}
-	if cfg.EnableIPv4 {
-		if !v4.IsValid() {
-			return lease.Lease{}, fmt.Errorf("no IPv4 podCIDR (podCIDRs %v) but the network config enables IPv4", n.PodCIDRs)
-		}
-		l.Subnet = v4
-		if l.Attrs.PublicIP, err = annotationAddr(n, prefix+annPublicIP, false); err != nil {
-			return lease.Lease{}, err
-		}
-		if l.Attrs.BackendData, err = annotationJSON(n, prefix+annBackendData); err != nil {
-			return lease.Lease{}, err
-		}
-	}
-	if cfg.EnableIPv6 {
-		if !v6.IsValid() {
-			return lease.Lease{}, fmt.Errorf("no IPv6 podCIDR (podCIDRs %v) but the network config enables IPv6", n.PodCIDRs)
-		}
-		l.IPv6Subnet = v6
-		ip, err := annotationAddr(n, prefix+annPublicIPv6, true)
-		if err != nil {
-			return lease.Lease{}, err
-		}
-		if ip.IsValid() {
-			l.Attrs.PublicIPv6 = &ip
-		}
-		if l.Attrs.BackendV6Data, err = annotationJSON(n, prefix+annBackendV6Data); err != nil {
-			return lease.Lease{}, err
-		}
-	}
-	return l, nil
-}
-
-// annotationAddr reads an address annotation; absent or unspecified
-// (flanneld writes "0.0.0.0" for none) is the invalid Addr.
-func annotationAddr(n KubeNode, key string, v6 bool) (netip.Addr, error) {
-	s := n.Annotations[key]
-	if s == "" {
-		return netip.Addr{}, nil
-	}
-	ip, err := netip.ParseAddr(s)
-	if err != nil || ip.Zone() != "" || ip.Is6() != v6 || ip.Is4In6() {
-		return netip.Addr{}, fmt.Errorf("%s=%q is not an %s address", key, s, familyName(v6))
-	}
-	if ip.IsUnspecified() {
-		return netip.Addr{}, nil
-	}
-	return ip, nil
-}
-
-// annotationJSON reads a backend data annotation; "null" is none.
-func annotationJSON(n KubeNode, key string) (json.RawMessage, error) {
-	s := strings.TrimSpace(n.Annotations[key])
-	if s == "" || s == backendDataNone {
-		return nil, nil
-	}
-	if !json.Valid([]byte(s)) {
-		return nil, fmt.Errorf("%s is not JSON: %.64q", key, s)
-	}
-	return json.RawMessage(s), nil
-}
-
-func familyName(v6 bool) string {
-	if v6 {
-		return "IPv6"
-	}
-	return "IPv4"
+	return err.Error()
 }
 
 // kubeStore is the registry view of the Kubernetes facts: the API server's
@@ -397,7 +256,9 @@ func kubeOptions(o options.Options, k KubeFacts) options.Options {
 	if k.Node == nil {
 		return o
 	}
-	if ip, err := annotationAddr(*k.Node, k.Prefix+annNodePublicIP, false); err == nil && ip.IsValid() {
+	// An unusable annotation stops the agent at start; doctor keeps the
+	// flag's address and lets the other checks speak.
+	if ip, _, err := k.annotations().NodePublicIPs(k.Node.Annotations); err == nil && ip.IsValid() {
 		o.PublicIP = ip
 	}
 	return o

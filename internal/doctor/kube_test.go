@@ -317,7 +317,7 @@ func TestKubeModeAgainstAPIServer(t *testing.T) {
 		r := agrees
 		r.network, r.subnetEnv = "10.244.0.0/16", ""
 		_, res := c.gather(t, r)
-		expect(t, res, CheckNetworkLease, Fail, "node n1's podCIDR "+podCIDR+" is not inside Network 10.244.0.0/16", "Network 10.244.0.0/16", "spec.podCIDRs "+podCIDR)
+		expect(t, res, CheckNetworkLease, Fail, "node n1 has podCIDR "+podCIDR+" (from kube-controller-manager --cluster-cidr), which is not inside Network 10.244.0.0/16 of ", "Network 10.244.0.0/16", "spec.podCIDRs "+podCIDR)
 		if fix := res[CheckNetworkLease].Fix; !strings.Contains(fix, `set "Network" in `) || !strings.Contains(fix, "--pod-network-cidr=10.244.0.0/16") {
 			t.Errorf("fix %q", fix)
 		}
@@ -431,7 +431,7 @@ func TestKubeModePodCIDRNotAssigned(t *testing.T) {
 	}
 	expect(t, res, CheckStore, OK, "2 Nodes")
 	expect(t, res, CheckNetworkLease, Fail, "pod cidr not assigned to node m1", "no podCIDR either: 1 Node of 1 other Nodes (m2)")
-	if fix := res[CheckNetworkLease].Fix; !strings.Contains(fix, "--allocate-node-cidrs=true --cluster-cidr=10.244.0.0/16") {
+	if fix := res[CheckNetworkLease].Fix; !strings.Contains(fix, "--allocate-node-cidrs=true and --cluster-cidr=10.244.0.0/16") {
 		t.Errorf("fix %q", fix)
 	}
 	expect(t, res, CheckKubeAnnotations, Skip, "judged by network-vs-lease")

@@ -8,9 +8,14 @@ package kubesubnet
 // starts the control plane and the agent. Nothing touches the machine's own
 // namespace.
 //
+// The control plane allocates no podCIDRs (no --allocate-node-cidrs), as a
+// cluster whose controller manager was set up without them: the agent
+// waits, alive and saying why on /readyz, until the podCIDR is set by hand.
+//
 // Address plan, inside the namespace: eth0 (veth) 198.18.0.11/24, default
-// route via 198.18.0.1; pods 10.244.0.0/16; a flanneld peer Node "peer" at
-// 198.18.0.12 with podCIDR 10.244.200.0/24; control plane on 127.0.0.1.
+// route via 198.18.0.1; pods 10.244.0.0/16, n1's podCIDR 10.244.1.0/24; a
+// flanneld peer Node "peer" at 198.18.0.12 with podCIDR 10.244.200.0/24;
+// control plane on 127.0.0.1.
 
 import (
 	"bufio"
@@ -81,7 +86,7 @@ func TestAgentProcess(t *testing.T) {
 
 func agentProcessInNetns(t *testing.T) {
 	bin := filepath.Join(os.Getenv(binDirEnv), "loom")
-	c := startCluster(t, netip.MustParsePrefix("10.244.0.0/16"))
+	c := startCluster(t, netip.Prefix{})
 	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -149,25 +154,52 @@ func agentProcessInNetns(t *testing.T) {
 		t.Logf("agent log:\n%s", logs)
 	}()
 
-	ready := func() bool {
-		resp, err := http.Get("http://127.0.0.1:2401/readyz")
-		if err != nil {
-			return false
+	// waitHTTP polls path on the health server until ok accepts the
+	// answer, failing when the agent exits or d passes.
+	waitHTTP := func(path string, d time.Duration, ok func(code int, body string) bool) {
+		t.Helper()
+		var (
+			code int
+			body []byte
+			err  error
+		)
+		for end := time.Now().Add(d); ; time.Sleep(200 * time.Millisecond) {
+			select {
+			case err := <-exited:
+				exited <- err
+				t.Fatalf("agent exited: %v", err)
+			default:
+			}
+			var resp *http.Response
+			if resp, err = http.Get("http://127.0.0.1:2401" + path); err == nil {
+				code = resp.StatusCode
+				body, err = io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if err == nil && ok(code, string(body)) {
+					return
+				}
+			}
+			if time.Now().After(end) {
+				t.Fatalf("GET %s within %v: %d %s %v", path, d, code, body, err)
+			}
 		}
-		defer resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
 	}
-	for end := time.Now().Add(90 * time.Second); !ready(); time.Sleep(200 * time.Millisecond) {
-		select {
-		case err := <-exited:
-			exited <- err
-			t.Fatalf("agent exited: %v", err)
-		default:
-		}
-		if time.Now().After(end) {
-			t.Fatal("agent not ready within 90 s")
-		}
+
+	// No podCIDR: alive (the DaemonSet's liveness probe must not restart
+	// the agent in a loop), not ready, and /readyz says why in the words
+	// of the log; no lease on /metrics.
+	waitHTTP("/healthz", 60*time.Second, func(code int, _ string) bool { return code == http.StatusOK })
+	waitHTTP("/readyz", 60*time.Second, func(code int, body string) bool {
+		return code == http.StatusServiceUnavailable && strings.Contains(body, "[-]lease: pod cidr not assigned to node n1: ") &&
+			strings.Contains(body, "--allocate-node-cidrs=true")
+	})
+	waitHTTP("/metrics", 10*time.Second, func(code int, body string) bool {
+		return code == http.StatusOK && strings.Contains(body, "\nloom_lease_held 0\n")
+	})
+	if out, err := c.cp.Kubectl(ctx, "", "patch", "node", "n1", "-p", `{"spec":{"podCIDR":"10.244.1.0/24","podCIDRs":["10.244.1.0/24"]}}`); err != nil {
+		t.Fatalf("%v\n%s", err, out)
 	}
+	waitHTTP("/readyz", 90*time.Second, func(code int, _ string) bool { return code == http.StatusOK })
 
 	node, err := c.admin.CoreV1().Nodes().Get(ctx, "n1", metav1.GetOptions{})
 	if err != nil {

@@ -141,7 +141,7 @@ func TestDesiredAnnotationsAreFlannels(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a, err := newAnnotations(pfx)
+			a, err := NewAnnotations(pfx)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -157,17 +157,17 @@ func TestDesiredAnnotationsAreFlannels(t *testing.T) {
 }
 
 func TestAnnotationPrefixes(t *testing.T) {
-	a, err := newAnnotations("example.com/net-")
+	a, err := NewAnnotations("example.com/net-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := a.key(annPublicIPOver); got != "example.com/net-public-ip-overwrite" {
+	if got := a.Key(AnnPublicIPOverwrite); got != "example.com/net-public-ip-overwrite" {
 		t.Errorf("key = %q", got)
 	}
-	if a, err := newAnnotations(""); err != nil || a.key(annBackendType) != "flannel.alpha.coreos.com/backend-type" {
-		t.Errorf("default prefix: %v %q", err, a.key(annBackendType))
+	if a, err := NewAnnotations(""); err != nil || a.Key(AnnBackendType) != "flannel.alpha.coreos.com/backend-type" {
+		t.Errorf("default prefix: %v %q", err, a.Key(AnnBackendType))
 	}
-	if _, err := newAnnotations("example.com"); err == nil {
+	if _, err := NewAnnotations("example.com"); err == nil {
 		t.Error("a prefix not in normalised form was accepted")
 	}
 }
@@ -262,20 +262,20 @@ func TestNodeLease(t *testing.T) {
 		{name: "dual stack without an IPv6 podCIDR", node: flannelNode("n2", "10.244.2.0/24", "198.18.0.12"), cfg: dual, reason: registry.SkipBadSubnet},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a, _ := newAnnotations(pfx)
-			got, err := a.nodeLease(tc.node, tc.cfg)
-			var skip *skipError
+			a, _ := NewAnnotations(pfx)
+			got, err := a.NodeLease(tc.node, tc.cfg)
+			var skip *SkipError
 			switch {
 			case tc.reason == "not-peer":
-				if !errors.Is(err, errNotPeer) {
+				if !errors.Is(err, ErrNotPeer) {
 					t.Fatalf("got %v, %v; want not a peer", got, err)
 				}
 			case tc.reason != "":
-				if !errors.As(err, &skip) || skip.reason != tc.reason {
+				if !errors.As(err, &skip) || skip.Reason != tc.reason {
 					t.Fatalf("got %v, %v; want skipped as %s", got, err, tc.reason)
 				}
-				if !strings.Contains(skip.detail, pfx) && tc.reason == registry.SkipUndecodable && !strings.Contains(skip.detail, "podCIDR") {
-					t.Errorf("detail %q names neither the annotation nor the podCIDR", skip.detail)
+				if !strings.Contains(skip.Detail, pfx) && tc.reason == registry.SkipUndecodable && !strings.Contains(skip.Detail, "podCIDR") {
+					t.Errorf("detail %q names neither the annotation nor the podCIDR", skip.Detail)
 				}
 			case err != nil:
 				t.Fatal(err)
@@ -287,12 +287,12 @@ func TestNodeLease(t *testing.T) {
 }
 
 func TestNodePublicIPs(t *testing.T) {
-	a, _ := newAnnotations(pfx)
-	v4, v6, err := a.nodePublicIPs(map[string]string{pfx + "node-public-ip": "198.18.1.11", pfx + "node-public-ipv6": "2001:db8::11"})
+	a, _ := NewAnnotations(pfx)
+	v4, v6, err := a.NodePublicIPs(map[string]string{pfx + "node-public-ip": "198.18.1.11", pfx + "node-public-ipv6": "2001:db8::11"})
 	if err != nil || v4 != netip.MustParseAddr("198.18.1.11") || v6 != netip.MustParseAddr("2001:db8::11") {
 		t.Fatalf("got %v %v %v", v4, v6, err)
 	}
-	_, _, err = a.nodePublicIPs(map[string]string{pfx + "node-public-ip": "2001:db8::11"})
+	_, _, err = a.NodePublicIPs(map[string]string{pfx + "node-public-ip": "2001:db8::11"})
 	if err == nil || !strings.Contains(err.Error(), pfx+"node-public-ip") || !strings.Contains(err.Error(), "kubectl annotate") {
 		t.Fatalf("error %v, want one naming the annotation and the kubectl fix", err)
 	}

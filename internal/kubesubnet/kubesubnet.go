@@ -25,6 +25,10 @@
 //     when they differ, in one request, through nodes/status (the only
 //     write kube-flannel.yml's RBAC allows); a restart that changes
 //     nothing writes nothing. Annotations someone removes are written back.
+//     With flanneld's -set-node-network-unavailable=false the condition is
+//     left alone (Config.LeaveNetworkUnavailable).
+//   - Why the node has no subnet yet (Waiting) is what the agent's /readyz
+//     says while it waits, in the words of the log.
 //   - Peers are reconciled, not reacted to: every informer event marks a
 //     Node dirty, and the Node's current lease is compared with what the
 //     agent was told. A deleted Node is removed at once (deleting a Node is
@@ -88,6 +92,11 @@ type Config struct {
 	Metrics prometheus.Registerer
 	// WaitLogEvery is how often waiting is logged; default 10 s.
 	WaitLogEvery time.Duration
+	// LeaveNetworkUnavailable is flanneld's -set-node-network-unavailable
+	// =false: the Node's NetworkUnavailable condition is left to someone
+	// else (a cloud route controller, another network plugin) and never
+	// written.
+	LeaveNetworkUnavailable bool
 }
 
 // Manager holds this node's subnet and reports its peers' from the
@@ -96,7 +105,7 @@ type Config struct {
 type Manager struct {
 	c       *Client
 	cfg     Config
-	ann     annotations
+	ann     Annotations
 	log     *slog.Logger
 	nodes   cache.SharedIndexInformer
 	lister  corelisters.NodeLister
@@ -111,6 +120,7 @@ type Manager struct {
 	dirty map[string]struct{} // Nodes changed since Watch last looked, by name
 	bad   map[string]string   // the last problem reported per Node, to report each once
 	own   lease.Lease         // the lease Keep reported last; invalid before
+	why   error               // why there is no own lease yet; nil once Keep reported one
 }
 
 // New sets the manager up on the client's shared informer factory. It
@@ -131,7 +141,7 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.WaitLogEvery <= 0 {
 		cfg.WaitLogEvery = DefaultWaitLogEvery
 	}
-	ann, err := newAnnotations(cfg.AnnotationPrefix)
+	ann, err := NewAnnotations(cfg.AnnotationPrefix)
 	if err != nil {
 		return nil, err
 	}
@@ -148,6 +158,7 @@ func New(cfg Config) (*Manager, error) {
 		peerWake: make(chan struct{}, 1),
 		dirty:    map[string]struct{}{},
 		bad:      map[string]string{},
+		why:      errors.New("no subnet lease yet"),
 	}
 	if cfg.Metrics != nil {
 		if err := cfg.Metrics.Register(m.skipped); err != nil {
@@ -197,6 +208,25 @@ func (m *Manager) Close() error {
 	return m.nodes.RemoveEventHandler(m.handler)
 }
 
+// Waiting says why the node holds no subnet yet, in the words the agent
+// logs (the Node not registered, "pod cidr not assigned to node ...", the
+// API server not answering), for the agent's readiness; nil once Keep has
+// reported a lease.
+func (m *Manager) Waiting() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.why
+}
+
+// setWaiting records why there is no lease yet, unless Keep holds one.
+func (m *Manager) setWaiting(why error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.own.Subnet.IsValid() && !m.own.IPv6Subnet.IsValid() {
+		m.why = why
+	}
+}
+
 // sync starts the informers and waits until the Node cache holds the
 // apiserver's list, saying every WaitLogEvery that it waits.
 func (m *Manager) sync(ctx context.Context) error {
@@ -208,6 +238,7 @@ func (m *Manager) sync(ctx context.Context) error {
 	defer t.Stop()
 	start := time.Now()
 	lastLog := start
+	m.setWaiting(fmt.Errorf("waiting for the list of Nodes from the Kubernetes API server at %s", m.c.Server()))
 	for !m.nodes.HasSynced() {
 		select {
 		case <-ctx.Done():
@@ -216,8 +247,10 @@ func (m *Manager) sync(ctx context.Context) error {
 		}
 		if time.Since(lastLog) >= m.cfg.WaitLogEvery {
 			lastLog = time.Now()
+			waited := time.Since(start).Round(time.Second)
+			m.setWaiting(fmt.Errorf("waiting %v for the list of Nodes from the Kubernetes API server at %s (the agent's user needs get, list and watch on nodes)", waited, m.c.Server()))
 			m.log.Warn("waiting for the list of Nodes from the Kubernetes API server (the agent's user needs get, list and watch on nodes)",
-				"server", m.c.Server(), "waited", time.Since(start).Round(time.Second))
+				"server", m.c.Server(), "waited", waited)
 		}
 	}
 	return nil
@@ -235,12 +268,13 @@ func (m *Manager) NodePublicIPs(ctx context.Context) (v4, v6 netip.Addr, err err
 		cancel()
 		switch {
 		case err == nil:
-			return m.ann.nodePublicIPs(n.Annotations)
+			return m.ann.NodePublicIPs(n.Annotations)
 		case apierrors.IsNotFound(err):
 			return netip.Addr{}, netip.Addr{}, nil
 		case apierrors.IsForbidden(err):
 			return netip.Addr{}, netip.Addr{}, fmt.Errorf("read Node %s: %w: the agent's user needs get, list and watch on nodes and patch on nodes/status (see deploy/kubernetes/loom.yaml)", m.cfg.NodeName, err)
 		}
+		m.setWaiting(fmt.Errorf("read Node %s from the Kubernetes API server at %s (retrying): %w", m.cfg.NodeName, m.c.Server(), err))
 		m.log.Warn("read this node's Node object; retrying", "node", m.cfg.NodeName, "in", delay, "err", err)
 		if sleep(ctx, delay) != nil {
 			return netip.Addr{}, netip.Addr{}, fmt.Errorf("read Node %s: %w", m.cfg.NodeName, ctx.Err())
@@ -266,13 +300,13 @@ func (m *Manager) fix(node, reason string) string {
 	switch reason {
 	case registry.SkipBadPublicIP:
 		if n, err := m.lister.Get(node); err == nil {
-			for _, name := range []string{annPublicIPOver, annPublicIPv6Over} {
-				if n.Annotations[m.ann.key(name)] != "" {
-					return fmt.Sprintf("the operator's override is unusable: kubectl annotate node %s %s- (or set it to the node's reachable address)", node, m.ann.key(name))
+			for _, name := range []string{AnnPublicIPOverwrite, AnnPublicIPv6Overwrite} {
+				if n.Annotations[m.ann.Key(name)] != "" {
+					return fmt.Sprintf("the operator's override is unusable: kubectl annotate node %s %s- (or set it to the node's reachable address)", node, m.ann.Key(name))
 				}
 			}
 		}
-		return fmt.Sprintf("start the agent on %s with -iface or -public-ip naming an address the other nodes reach, or kubectl annotate node %s %s=ADDRESS", node, node, m.ann.key(annPublicIPOver))
+		return fmt.Sprintf("start the agent on %s with -iface or -public-ip naming an address the other nodes reach, or kubectl annotate node %s %s=ADDRESS", node, node, m.ann.Key(AnnPublicIPOverwrite))
 	case registry.SkipOverlap, registry.SkipOutsideNetwork:
 		return fmt.Sprintf("the Node's podCIDR was not assigned by this cluster's kube-controller-manager: kubectl delete node %s and let its kubelet register it again, so it gets a podCIDR inside Network", node)
 	case registry.SkipBadSubnet:
@@ -403,19 +437,18 @@ func (m *Manager) diff(names map[string]struct{}, told map[string]lease.Lease) [
 // peerLocked translates a peer Node, reporting (once per distinct problem)
 // a Node that claims to be a peer but cannot be used.
 func (m *Manager) peerLocked(name string, n *v1.Node) (lease.Lease, bool) {
-	l, err := m.ann.nodeLease(n, m.cfg.Network)
-	var skip *skipError
+	l, err := m.ann.NodeLease(n, m.cfg.Network)
+	var skip *SkipError
 	switch {
 	case err == nil:
 		delete(m.bad, name)
-		l.Expiration = notReserved()
 		return l, true
 	case errors.As(err, &skip):
 		if m.bad[name] != err.Error() {
 			m.bad[name] = err.Error()
-			m.skipped.WithLabelValues(skip.reason).Inc()
+			m.skipped.WithLabelValues(skip.Reason).Inc()
 			m.log.Warn("skipping peer Node: not programmed into the data path", "node", name,
-				"reason", skip.reason, "detail", skip.detail, "fix", m.fix(name, skip.reason))
+				"reason", skip.Reason, "detail", skip.Detail, "fix", m.fix(name, skip.Reason))
 		}
 	default:
 		delete(m.bad, name)

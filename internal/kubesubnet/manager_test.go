@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -25,7 +26,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/loomnet/loom/internal/lease"
-
+	"github.com/loomnet/loom/internal/netconf"
 	"github.com/loomnet/loom/internal/registry"
 )
 
@@ -85,12 +86,20 @@ func newFakeEnv(objs ...runtime.Object) *fakeEnv {
 // agent would have.
 func (e *fakeEnv) manager(t *testing.T, node string, metrics prometheus.Registerer) *Manager {
 	t.Helper()
+	return e.managerWith(t, node, metrics, func(*Config) {})
+}
+
+// managerWith is manager with a Config changed by edit.
+func (e *fakeEnv) managerWith(t *testing.T, node string, metrics prometheus.Registerer, edit func(*Config)) *Manager {
+	t.Helper()
 	c, err := NewClient(ClientConfig{Clientset: e.cs, Logger: e.logs.logger()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	m, err := New(Config{Client: c, NodeName: node, Network: mustConfig(t, testNet), Logger: e.logs.logger(), Metrics: metrics, WaitLogEvery: 100 * time.Millisecond})
+	cfg := Config{Client: c, NodeName: node, Network: mustConfig(t, testNet), Logger: e.logs.logger(), Metrics: metrics, WaitLogEvery: 100 * time.Millisecond}
+	edit(&cfg)
+	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,7 +207,11 @@ func TestKeepPodCIDROutsideNetwork(t *testing.T) {
 
 func TestKeepWaitsForPodCIDR(t *testing.T) {
 	e := newFakeEnv(node("n1", nil, nil))
-	leases, errc := keep(t, e.manager(t, "n1", nil), vxlanRequest(t, "n1", "198.18.0.11"))
+	m := e.manager(t, "n1", nil)
+	if err := m.Waiting(); err == nil || err.Error() != "no subnet lease yet" {
+		t.Errorf("Waiting() before Keep = %v, want no subnet lease yet", err)
+	}
+	leases, errc := keep(t, m, vxlanRequest(t, "n1", "198.18.0.11"))
 	eventually(t, 5*time.Second, "pod cidr log", func() bool {
 		return strings.Count(e.logs.String(), "pod cidr not assigned to node n1") >= 2
 	})
@@ -214,6 +227,10 @@ func TestKeepWaitsForPodCIDR(t *testing.T) {
 		t.Fatal(err)
 	default:
 	}
+	// What the agent's /readyz says meanwhile: the log's own words.
+	if err := m.Waiting(); !errors.Is(err, ErrNoPodCIDR) || !strings.HasPrefix(err.Error(), "pod cidr not assigned to node n1: ") {
+		t.Errorf("Waiting() = %v, want the pod cidr error", err)
+	}
 	n := e.node(t, "n1")
 	n.Spec.PodCIDR, n.Spec.PodCIDRs = "10.244.7.0/24", []string{"10.244.7.0/24"}
 	if _, err := e.cs.CoreV1().Nodes().Update(context.Background(), n, metav1.UpdateOptions{}); err != nil {
@@ -227,6 +244,98 @@ func TestKeepWaitsForPodCIDR(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("no lease after the podCIDR was set")
 	}
+	if err := m.Waiting(); err != nil {
+		t.Errorf("Waiting() with a lease = %v, want nil", err)
+	}
+}
+
+// flanneld's -set-node-network-unavailable=false: the annotations are
+// written, the NetworkUnavailable condition is not touched, whatever it
+// says.
+func TestLeaveNetworkUnavailable(t *testing.T) {
+	n1 := node("n1", []string{"10.244.1.0/24"}, nil)
+	n1.Status.Conditions = []v1.NodeCondition{{Type: v1.NodeNetworkUnavailable, Status: v1.ConditionTrue, Reason: "NoRouteCreated"}}
+	e := newFakeEnv(n1)
+	m := e.managerWith(t, "n1", nil, func(c *Config) { c.LeaveNetworkUnavailable = true })
+	leases, errc := keep(t, m, vxlanRequest(t, "n1", "198.18.0.11"))
+	select {
+	case <-leases:
+	case err := <-errc:
+		t.Fatal(err)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no lease; log:\n%s", e.logs)
+	}
+	n := e.node(t, "n1")
+	if n.Annotations[pfx+"public-ip"] != "198.18.0.11" {
+		t.Errorf("annotations %v, want them written", n.Annotations)
+	}
+	if len(n.Status.Conditions) != 1 || n.Status.Conditions[0].Status != v1.ConditionTrue || n.Status.Conditions[0].Reason != "NoRouteCreated" {
+		t.Errorf("conditions %+v, want NetworkUnavailable left True", n.Status.Conditions)
+	}
+	if w := e.writes(); w != 1 {
+		t.Errorf("%d writes, want 1 (the annotations)", w)
+	}
+}
+
+// NodeSubnets says why a Node's podCIDRs cannot be its node's subnet in
+// the words both the agent and doctor use.
+func TestNodeSubnets(t *testing.T) {
+	v4 := mustConfig(t, testNet)
+	dual := mustConfig(t, `{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}`)
+	v6only := mustConfig(t, `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}`)
+	const path = "/etc/kube-flannel/net-conf.json"
+	for _, tc := range []struct {
+		name           string
+		node           *v1.Node
+		cfg            netconf.Config
+		wantV4, wantV6 string
+		kind           error
+		text           string // the whole error
+	}{
+		{name: "IPv4", node: node("n1", []string{"10.244.1.0/24"}, nil), cfg: v4, wantV4: "10.244.1.0/24"},
+		{name: "dual stack", node: node("n1", []string{"10.244.1.0/24", "fd00:10:244:1::/64"}, nil), cfg: dual, wantV4: "10.244.1.0/24", wantV6: "fd00:10:244:1::/64"},
+		{name: "a family the config does not enable is left out", node: node("n1", []string{"10.244.1.0/24", "fd00:10:244:1::/64"}, nil), cfg: v6only, wantV6: "fd00:10:244:1::/64"},
+		{name: "none assigned", node: node("n1", nil, nil), cfg: v4, kind: ErrNoPodCIDR,
+			text: `pod cidr not assigned to node n1: kube-controller-manager assigns it only with --allocate-node-cidrs=true and --cluster-cidr=10.244.0.0/16 ` +
+				`(kubeadm init --pod-network-cidr=10.244.0.0/16, the Network of /etc/kube-flannel/net-conf.json; on a running cluster add both flags to ` +
+				`/etc/kubernetes/manifests/kube-controller-manager.yaml, and Nodes without a podCIDR get one); ` +
+				`or set it by hand: kubectl patch node n1 -p '{"spec":{"podCIDR":"SUBNET","podCIDRs":["SUBNET"]}}'`},
+		{name: "outside Network", node: node("n1", []string{"10.245.1.0/24"}, nil), cfg: v4, kind: ErrPodCIDROutsideNetwork,
+			text: `node n1 has podCIDR 10.245.1.0/24 (from kube-controller-manager --cluster-cidr), which is not inside Network 10.244.0.0/16 of /etc/kube-flannel/net-conf.json: ` +
+				`set "Network" to the cluster's pod CIDR (kubeadm --pod-network-cidr / kube-controller-manager --cluster-cidr), or re-create the cluster with --pod-network-cidr=10.244.0.0/16`},
+		{name: "larger than Network", node: node("n1", []string{"10.0.0.0/8"}, nil), cfg: v4, kind: ErrPodCIDROutsideNetwork},
+		{name: "outside IPv6Network", node: node("n1", []string{"10.244.1.0/24", "fd00:99::/64"}, nil), cfg: dual, kind: ErrPodCIDROutsideNetwork},
+		{name: "no IPv6 podCIDR in dual stack", node: node("n1", []string{"10.244.1.0/24"}, nil), cfg: dual, kind: ErrPodCIDRFamily,
+			text: `node n1 has no IPv6 podCIDR (podCIDRs [10.244.1.0/24]), but /etc/kube-flannel/net-conf.json enables IPv6: ` +
+				`give kube-controller-manager an IPv6 --cluster-cidr (kubeadm --pod-network-cidr), or set "EnableIPv6": false`},
+		{name: "host bits", node: node("n1", []string{"10.244.1.7/24"}, nil), cfg: v4, kind: ErrBadPodCIDR,
+			text: `node n1: podCIDR 10.244.1.7/24 has host bits set: kube-controller-manager never writes that; fix the Node's spec or delete the Node and let its kubelet register it again`},
+		{name: "only spec.podCIDR", node: &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"}, Spec: v1.NodeSpec{PodCIDR: "10.244.1.0/24"}}, cfg: v4, wantV4: "10.244.1.0/24"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v4, v6, err := NodeSubnets(tc.node, tc.cfg, path)
+			if tc.kind == nil {
+				if err != nil || v4.String() != orInvalid(tc.wantV4) || v6.String() != orInvalid(tc.wantV6) {
+					t.Fatalf("got %v %v %v, want %s %s", v4, v6, err, tc.wantV4, tc.wantV6)
+				}
+				return
+			}
+			var pe *PodCIDRError
+			if !errors.Is(err, tc.kind) || !errors.As(err, &pe) || pe.Node != "n1" || err.Error() != pe.Problem+": "+pe.Fix {
+				t.Fatalf("got %v, want a PodCIDRError of kind %v", err, tc.kind)
+			}
+			if tc.text != "" && err.Error() != tc.text {
+				t.Errorf("error:\n got  %s\n want %s", err, tc.text)
+			}
+		})
+	}
+}
+
+func orInvalid(s string) string {
+	if s == "" {
+		return netip.Prefix{}.String()
+	}
+	return s
 }
 
 // TestPeers covers the peer stream: the first list, a Node that stops

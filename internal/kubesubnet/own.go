@@ -3,9 +3,9 @@ package kubesubnet
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
-	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -16,7 +16,6 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/loomnet/loom/internal/lease"
-	"github.com/loomnet/loom/internal/netconf"
 	"github.com/loomnet/loom/internal/registry"
 )
 
@@ -107,22 +106,20 @@ func (k *keeper) step(ctx context.Context) (time.Duration, error) {
 	n, err := m.lister.Get(name)
 	if apierrors.IsNotFound(err) {
 		if k.holding {
-			k.waiting("Node deleted: keeping its subnet and the data path until the Node is registered again", "subnet", k.held.Key())
+			k.waiting(errors.New("this node's Node was deleted: keeping its subnet and the data path until the Node is registered again"), "subnet", k.held.Key())
 		} else {
-			k.waiting(fmt.Sprintf("waiting for Node %s: its kubelet registers it (kubectl get node %s)", name, name))
+			k.waiting(fmt.Errorf("waiting for Node %s: its kubelet registers it (kubectl get node %s)", name, name))
 		}
 		return k.waitEvery(), nil
 	}
 	if err != nil {
 		return 0, fmt.Errorf("read Node %s from the cache: %w", name, err)
 	}
-	if !hasPodCIDR(n) {
-		k.waiting(fmt.Sprintf("pod cidr not assigned to node %s: kube-controller-manager assigns it only with --allocate-node-cidrs=true and --cluster-cidr=%s "+
-			"(kubeadm: --pod-network-cidr=%s, the Network of %s); or set it by hand: kubectl patch node %s -p '{\"spec\":{\"podCIDR\":\"SUBNET\",\"podCIDRs\":[\"SUBNET\"]}}'",
-			name, clusterCIDR(k.req.Config), clusterCIDR(k.req.Config), m.cfg.NetConfigPath, name))
+	l, err := k.lease(n)
+	if errors.Is(err, ErrNoPodCIDR) {
+		k.waiting(err)
 		return k.waitEvery(), nil
 	}
-	l, err := k.lease(n)
 	if err != nil {
 		return 0, err
 	}
@@ -153,53 +150,28 @@ func (k *keeper) waitEvery() time.Duration { return min(keepEvery, k.m.cfg.WaitL
 
 // waiting logs why Keep waits, at error level (the node has no network
 // until it ends), at once when the reason changes, then every WaitLogEvery.
-func (k *keeper) waiting(why string, args ...any) {
-	if why == k.lastWhy && time.Since(k.lastWaitLog) < k.m.cfg.WaitLogEvery {
+// Before the first lease it is also what Waiting reports.
+func (k *keeper) waiting(why error, args ...any) {
+	if !k.holding {
+		k.m.setWaiting(why)
+	}
+	if why.Error() == k.lastWhy && time.Since(k.lastWaitLog) < k.m.cfg.WaitLogEvery {
 		return
 	}
-	k.lastWhy, k.lastWaitLog = why, time.Now()
-	k.m.log.Error(why, append([]any{"node", k.m.cfg.NodeName}, args...)...)
+	k.lastWhy, k.lastWaitLog = why.Error(), time.Now()
+	k.m.log.Error(why.Error(), append([]any{"node", k.m.cfg.NodeName}, args...)...)
 }
 
 // lease is the node's lease from its podCIDRs, checked against the network
-// config: a podCIDR outside Network can only be fixed by the operator.
+// config: only a missing podCIDR is worth waiting for (ErrNoPodCIDR); a
+// podCIDR outside Network can only be fixed by the operator.
 func (k *keeper) lease(n *v1.Node) (lease.Lease, error) {
-	cfg := k.req.Config
-	v4, v6, err := podCIDRs(n)
+	v4, v6, err := NodeSubnets(n, k.req.Config, k.m.cfg.NetConfigPath)
 	if err != nil {
-		return lease.Lease{}, fmt.Errorf("node %s: %w: kube-controller-manager never writes that; fix the Node's spec or delete the Node and let its kubelet register it again", n.Name, err)
+		return lease.Lease{}, err
 	}
-	var l lease.Lease
-	for _, f := range []struct {
-		enabled            bool
-		got, network       netip.Prefix
-		family, key, other string
-	}{
-		{cfg.EnableIPv4, v4, cfg.Network, "IPv4", "Network", "EnableIPv4"},
-		{cfg.EnableIPv6, v6, cfg.IPv6Network, "IPv6", "IPv6Network", "EnableIPv6"},
-	} {
-		if !f.enabled {
-			continue
-		}
-		if !f.got.IsValid() {
-			return lease.Lease{}, fmt.Errorf("node %s has no %s podCIDR (podCIDRs %v), but %s enables %s: give kube-controller-manager an %s --cluster-cidr (kubeadm --pod-network-cidr), or set \"%s\": false",
-				n.Name, f.family, podCIDRList(n), k.m.cfg.NetConfigPath, f.family, f.family, f.other)
-		}
-		if !f.network.IsValid() || f.network.Bits() > f.got.Bits() || !f.network.Contains(f.got.Addr()) {
-			return lease.Lease{}, fmt.Errorf("node %s has podCIDR %s (from kube-controller-manager --cluster-cidr), which is not inside %s %s of %s: "+
-				"set %q to the cluster's pod CIDR (kubeadm --pod-network-cidr / kube-controller-manager --cluster-cidr), or re-create the cluster with --pod-network-cidr=%s",
-				n.Name, f.got, f.key, f.network, k.m.cfg.NetConfigPath, f.key, f.network)
-		}
-	}
-	if cfg.EnableIPv4 {
-		l.Subnet = v4
-	}
-	if cfg.EnableIPv6 {
-		l.IPv6Subnet = v6
-	}
-	l.Attrs = k.req.Attrs
+	l := lease.Lease{Subnet: v4, IPv6Subnet: v6, Attrs: k.req.Attrs, Expiration: notReserved()}
 	l.Attrs.NodeName = n.Name
-	l.Expiration = notReserved()
 	return l, nil
 }
 
@@ -214,7 +186,7 @@ func (k *keeper) write(ctx context.Context, n *v1.Node) (bool, error) {
 		k.badOverride = s
 		if s != "" {
 			m.log.Error("ignoring the operator's public address override: not an address of its family; peers get the node's own address", "node", n.Name,
-				"annotation", s, "fix", fmt.Sprintf("kubectl annotate node %s %s=ADDRESS --overwrite, or remove it with %s-", n.Name, m.ann.key(annPublicIPOver), m.ann.key(annPublicIPOver)))
+				"annotation", s, "fix", fmt.Sprintf("kubectl annotate node %s %s=ADDRESS --overwrite, or remove it with %s-", n.Name, m.ann.Key(AnnPublicIPOverwrite), m.ann.Key(AnnPublicIPOverwrite)))
 		}
 	}
 	changed := map[string]string{}
@@ -223,7 +195,9 @@ func (k *keeper) write(ctx context.Context, n *v1.Node) (bool, error) {
 			changed[key] = v
 		}
 	}
-	needCondition := !networkAvailable(n)
+	// With -set-node-network-unavailable=false (flanneld's flag) the
+	// condition is someone else's: it is neither read nor written.
+	needCondition := !m.cfg.LeaveNetworkUnavailable && !networkAvailable(n)
 	if len(changed) == 0 && !needCondition {
 		return true, nil
 	}
@@ -260,6 +234,9 @@ func (k *keeper) write(ctx context.Context, n *v1.Node) (bool, error) {
 	case err != nil:
 		if ctx.Err() != nil {
 			return false, nil
+		}
+		if !k.holding {
+			m.setWaiting(fmt.Errorf("write the annotations and the NetworkUnavailable condition of Node %s (retrying in %v): %w", n.Name, k.retry, err))
 		}
 		m.log.Warn("write annotations and condition of this node's Node; retrying", "node", n.Name, "in", k.retry, "err", err)
 		return false, nil
@@ -303,31 +280,11 @@ func (k *keeper) report(l lease.Lease) {
 	}
 	k.held, k.holding = l, true
 	k.m.mu.Lock()
-	k.m.own = l
+	k.m.own, k.m.why = l, nil
 	k.m.dirty[k.m.cfg.NodeName] = struct{}{}
 	k.m.mu.Unlock()
 	poke(k.m.peerWake)
 	if k.onLease != nil {
 		k.onLease(l)
 	}
-}
-
-// clusterCIDR is the CIDR kube-controller-manager must carve podCIDRs out
-// of for cfg: Network, and IPv6Network in dual stack.
-func clusterCIDR(cfg netconf.Config) string {
-	var parts []string
-	if cfg.EnableIPv4 && cfg.Network.IsValid() {
-		parts = append(parts, cfg.Network.String())
-	}
-	if cfg.EnableIPv6 && cfg.IPv6Network.IsValid() {
-		parts = append(parts, cfg.IPv6Network.String())
-	}
-	return strings.Join(parts, ",")
-}
-
-func podCIDRList(n *v1.Node) []string {
-	if len(n.Spec.PodCIDRs) > 0 {
-		return n.Spec.PodCIDRs
-	}
-	return []string{n.Spec.PodCIDR}
 }

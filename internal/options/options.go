@@ -49,6 +49,11 @@ type Options struct {
 	// when given as "DOMAIN/NAME", so the keys are the prefix followed by
 	// "backend-type", "public-ip", ...
 	KubeAnnotationPrefix string
+	// SetNodeNetworkUnavailable is flanneld's -set-node-network-unavailable
+	// (default true): the agent turns its Node's NetworkUnavailable
+	// condition False once it holds the subnet. False leaves the condition
+	// to someone else (a cloud route controller, another plugin).
+	SetNodeNetworkUnavailable bool
 
 	// Which interface and address carry the overlay.
 	Iface         []string         // -iface, in order of preference
@@ -76,6 +81,12 @@ type Options struct {
 	HealthzPort int // 0: no health server, as in flanneld
 
 	Version bool // print the version and exit; Parse skips validation
+
+	// Ignored says, one line each, which flanneld flags were given that
+	// have no effect on a loom node (klog's -v, -vmodule,
+	// -log_backtrace_at): the agent logs them at start. flanneld flags
+	// whose absence would change behaviour are refused by Parse instead.
+	Ignored []string
 
 	// loom's own.
 	NodeName string // -node-name, else NODE_NAME, else the lower-cased hostname
@@ -125,6 +136,18 @@ const (
 	flagHealthzIP              = "healthz-ip"
 	flagHealthzPort            = "healthz-port"
 	flagVersion                = "version"
+
+	flagSetNodeNetworkUnavailable = "set-node-network-unavailable"
+	// flanneld flags loom takes only at their defaults: with another value
+	// flanneld would do something loom does not (yet).
+	flagIPMasqFullyRandomDisable = "ip-masq-fully-random-disable"
+	flagIPBlackholeRoute         = "ip-blackhole-route"
+	flagUseMultiClusterCIDR      = "use-multi-cluster-cidr" // flanneld v0.21-v0.23 only
+	// klog's flags, which flanneld copies onto its command line: loom logs
+	// with log/slog (-log-level), so they are accepted and ignored.
+	flagKlogV           = "v"
+	flagKlogVModule     = "vmodule"
+	flagKlogBacktraceAt = "log_backtrace_at"
 
 	flagNodeName           = "node-name"
 	flagStateDir           = "state-dir"
@@ -197,6 +220,13 @@ func defs() []def {
 		{name: flagHealthzIP, value: "127.0.0.1", usage: "`address` the health server (/healthz, /readyz, /metrics) listens on; flanneld's default is 0.0.0.0, loom's keeps it on the node"},
 		{name: flagHealthzPort, value: "0", usage: "`port` of the health server; 0 disables it"},
 		{name: flagVersion, bool: true, usage: "print the version and exit"},
+		{name: flagSetNodeNetworkUnavailable, value: "true", bool: true, usage: "in kube mode, set the Node's NetworkUnavailable condition to False once the node holds its subnet; false leaves the condition alone"},
+		{name: flagIPMasqFullyRandomDisable, bool: true, usage: "flanneld's: masquerade without fully random ports; loom accepts only false"},
+		{name: flagIPBlackholeRoute, bool: true, usage: "flanneld's: a blackhole route for the node's pod subnet; loom accepts only false"},
+		{name: flagUseMultiClusterCIDR, bool: true, usage: "flanneld v0.21-v0.23's: read ClusterCIDR objects (removed from Kubernetes in 1.29); loom accepts only false"},
+		{name: flagKlogV, usage: "flanneld's klog verbosity `level`: accepted and ignored (loom's is -log-level)"},
+		{name: flagKlogVModule, usage: "flanneld's klog per-file verbosity (`pattern=N,...`): accepted and ignored"},
+		{name: flagKlogBacktraceAt, usage: "flanneld's klog `file:line` to log a stack trace at: accepted and ignored"},
 
 		{name: flagNodeName, loom: true, usage: "this node's `name` (default: $NODE_NAME, else the hostname)"},
 		{name: flagStateDir, loom: true, value: "/var/lib/loom", usage: "`directory` for state kept across restarts"},
@@ -393,7 +423,8 @@ func (c *converter) options(getenv func(string) string) Options {
 		KubeconfigFile: c.str(flagKubeconfigFile),
 		KubeAPIURL:     c.url(flagKubeAPIURL),
 
-		KubeAnnotationPrefix: c.annotationPrefix(flagKubeAnnotationPrefix),
+		KubeAnnotationPrefix:      c.annotationPrefix(flagKubeAnnotationPrefix),
+		SetNodeNetworkUnavailable: c.boolean(flagSetNodeNetworkUnavailable),
 
 		Iface:         c.list(flagIface),
 		IfaceRegex:    c.regexps(flagIfaceRegex),
@@ -427,6 +458,7 @@ func (c *converter) options(getenv func(string) string) Options {
 		SubnetLeaseTTL: c.duration(flagSubnetLeaseTTL),
 	}
 	o.NodeName, o.NodeNameFromHostname = c.nodeName(flagNodeName, getenv)
+	o.Ignored = c.flanneldOnly()
 	if o.SubnetLeaseTTL > 0 && o.SubnetLeaseTTL < minLeaseTTL {
 		_, from := c.get(flagSubnetLeaseTTL)
 		c.fail("%s %v is shorter than etcd's minimum lease TTL: use %v or more", from, o.SubnetLeaseTTL, minLeaseTTL)
@@ -441,6 +473,42 @@ func (c *converter) options(getenv func(string) string) Options {
 		c.fail("-%s set without -%s: give the user name the password belongs to", flagEtcdPassword, flagEtcdUsername)
 	}
 	return o
+}
+
+// flanneldOnly checks the flanneld flags loom does not implement. The
+// ones that only tune klog are returned, as lines for the agent to log;
+// the others are accepted at their defaults (an unchanged DaemonSet or
+// unit file often spells them out) and refused otherwise, because
+// ignoring them would make the node behave unlike what was asked.
+func (c *converter) flanneldOnly() []string {
+	refuse := map[string]string{
+		flagIPMasqFullyRandomDisable: "asks for masquerading without fully random source ports, which loom does not offer: " +
+			"loom masquerades with fully random ports where iptables or nftables support it; remove the flag, or keep flanneld on this node",
+		flagIPBlackholeRoute: "asks for a blackhole route to the node's pod subnet (flanneld adds it where no cni0 bridge owns the subnet, as with Canal), " +
+			"which loom does not install: remove the flag, or keep flanneld on this node",
+		flagUseMultiClusterCIDR: "asks for ClusterCIDR objects (networking.k8s.io/v1alpha1), which Kubernetes removed in 1.29 and flannel in v0.24: " +
+			"remove the flag; loom takes the node's subnets from its spec.podCIDRs",
+	}
+	for _, name := range []string{flagIPMasqFullyRandomDisable, flagIPBlackholeRoute, flagUseMultiClusterCIDR} {
+		if c.boolean(name) {
+			_, from := c.get(name)
+			c.fail("%s=true %s", from, refuse[name])
+		}
+	}
+	var ignored []string
+	if s, from := c.get(flagKlogV); c.set(flagKlogV) {
+		if n, err := strconv.Atoi(s); err != nil || n < 0 {
+			c.fail("%s %q is not a klog verbosity (a whole number from 0): loom ignores it anyway; set -%s (debug, info, warn or error)", from, s, flagLogLevel)
+		} else {
+			ignored = append(ignored, fmt.Sprintf("%s=%s: klog's verbosity; loom logs at -%s (debug, info, warn or error)", from, s, flagLogLevel))
+		}
+	}
+	for _, name := range []string{flagKlogVModule, flagKlogBacktraceAt} {
+		if s, from := c.get(name); c.set(name) {
+			ignored = append(ignored, fmt.Sprintf("%s=%s: a klog option; loom logs with log/slog at -%s", from, s, flagLogLevel))
+		}
+	}
+	return ignored
 }
 
 func (c *converter) str(name string) string {

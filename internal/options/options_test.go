@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"reflect"
@@ -23,22 +24,23 @@ func env(m map[string]string) func(string) string {
 
 func TestDefaults(t *testing.T) {
 	want := Options{
-		EtcdEndpoints:          []string{"http://127.0.0.1:2379"},
-		EtcdPrefix:             "/coreos.com/network",
-		EtcdDialTimeout:        5 * time.Second,
-		EtcdRequestTimeout:     5 * time.Second,
-		SubnetFile:             "/run/flannel/subnet.env",
-		SubnetLeaseRenewMargin: 60 * time.Minute,
-		IPTablesResync:         5 * time.Second,
-		IPTablesForwardRules:   true,
-		NetConfigPath:          "/etc/kube-flannel/net-conf.json",
-		KubeAnnotationPrefix:   "flannel.alpha.coreos.com/",
-		HealthzIP:              netip.MustParseAddr("127.0.0.1"), // flanneld: 0.0.0.0
-		SubnetLeaseTTL:         24 * time.Hour,
-		NodeName:               "n1",
-		StateDir:               "/var/lib/loom",
-		Resync:                 5 * time.Second,
-		LogLevel:               slog.LevelInfo,
+		EtcdEndpoints:             []string{"http://127.0.0.1:2379"},
+		EtcdPrefix:                "/coreos.com/network",
+		EtcdDialTimeout:           5 * time.Second,
+		EtcdRequestTimeout:        5 * time.Second,
+		SubnetFile:                "/run/flannel/subnet.env",
+		SubnetLeaseRenewMargin:    60 * time.Minute,
+		IPTablesResync:            5 * time.Second,
+		IPTablesForwardRules:      true,
+		NetConfigPath:             "/etc/kube-flannel/net-conf.json",
+		KubeAnnotationPrefix:      "flannel.alpha.coreos.com/",
+		SetNodeNetworkUnavailable: true,
+		HealthzIP:                 netip.MustParseAddr("127.0.0.1"), // flanneld: 0.0.0.0
+		SubnetLeaseTTL:            24 * time.Hour,
+		NodeName:                  "n1",
+		StateDir:                  "/var/lib/loom",
+		Resync:                    5 * time.Second,
+		LogLevel:                  slog.LevelInfo,
 	}
 	got, err := Parse(nil, env(map[string]string{"NODE_NAME": "n1"}))
 	if err != nil {
@@ -298,6 +300,81 @@ func TestSources(t *testing.T) {
 	}
 }
 
+// flanneldArgs is a flanneld (v0.28) command line with every flag it has,
+// each at a value loom accepts: the list in flannel's main.go, compared by
+// hand. The three klog flags are flanneld's too (it copies them from klog).
+var flanneldArgs = []string{
+	"--etcd-endpoints=http://198.18.0.1:2379", "--etcd-prefix=/coreos.com/network",
+	"--etcd-keyfile=/etc/flannel/key.pem", "--etcd-certfile=/etc/flannel/cert.pem", "--etcd-cafile=/etc/flannel/ca.pem",
+	"--etcd-username=flannel", "--etcd-password=secret",
+	"--iface=eth0", "--iface-regex=^eth[0-9]+$", "--iface-can-reach=198.18.0.1",
+	"--subnet-file=/run/flannel/subnet.env", "--public-ip=198.18.0.11", "--public-ipv6=2001:db8::11",
+	"--subnet-lease-renew-margin=60", "--ip-masq", "--ip-masq-fully-random-disable=false",
+	"--kube-subnet-mgr", "--kube-api-url=https://198.18.0.1:6443", "--kube-annotation-prefix=flannel.alpha.coreos.com",
+	"--kubeconfig-file=/etc/kubernetes/flannel.conf",
+	"--healthz-ip=0.0.0.0", "--healthz-port=8471", "--iptables-resync=5", "--iptables-forward-rules=true",
+	"--ip-blackhole-route=false", "--net-config-path=/etc/kube-flannel/net-conf.json", "--set-node-network-unavailable=true",
+	"--v=2", "--vmodule=kube=4", "--log_backtrace_at=main.go:120",
+}
+
+// Every flanneld flag parses, on the command line and as FLANNELD_<FLAG>;
+// the klog ones are reported as ignored, for the agent to log.
+func TestFlanneldFlags(t *testing.T) {
+	o, err := Parse(flanneldArgs, env(map[string]string{"NODE_NAME": "n1"}))
+	if err != nil {
+		t.Fatalf("flanneld's flags: %v", err)
+	}
+	if !o.KubeSubnetMgr || !o.SetNodeNetworkUnavailable || o.HealthzPort != 8471 || o.PublicIPv6 != netip.MustParseAddr("2001:db8::11") {
+		t.Errorf("parsed %+v", o)
+	}
+	if got := strings.Join(o.Ignored, "\n"); !strings.Contains(got, "-v=2: klog's verbosity; loom logs at -log-level") ||
+		!strings.Contains(got, "-vmodule=kube=4") || !strings.Contains(got, "-log_backtrace_at=main.go:120") || len(o.Ignored) != 3 {
+		t.Errorf("Ignored = %q, want the three klog flags", o.Ignored)
+	}
+
+	vars := map[string]string{"NODE_NAME": "n1"}
+	for _, a := range flanneldArgs {
+		name, val, found := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !found {
+			val = "true"
+		}
+		vars["FLANNELD_"+strings.ToUpper(strings.ReplaceAll(name, "-", "_"))] = val
+	}
+	oe, err := Parse(nil, env(vars))
+	if err != nil {
+		t.Fatalf("flanneld's variables %v: %v", vars, err)
+	}
+	if !oe.KubeSubnetMgr || oe.HealthzPort != 8471 || len(oe.Ignored) != 3 || !strings.HasPrefix(oe.Ignored[0], "FLANNELD_V=2") {
+		t.Errorf("from the environment: %+v", oe)
+	}
+}
+
+func TestSetNodeNetworkUnavailable(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  map[string]string
+		want bool
+	}{
+		{name: "default, as flanneld", want: true},
+		{name: "flag", args: []string{"--set-node-network-unavailable=false"}, want: false},
+		{name: "flanneld's variable", env: map[string]string{"FLANNELD_SET_NODE_NETWORK_UNAVAILABLE": "false"}, want: false},
+		{name: "flag over variable", args: []string{"-set-node-network-unavailable"}, env: map[string]string{"FLANNELD_SET_NODE_NETWORK_UNAVAILABLE": "false"}, want: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := map[string]string{"NODE_NAME": "n1"}
+			maps.Copy(e, tc.env)
+			o, err := Parse(tc.args, env(e))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if o.SetNodeNetworkUnavailable != tc.want {
+				t.Errorf("SetNodeNetworkUnavailable = %v, want %v", o.SetNodeNetworkUnavailable, tc.want)
+			}
+		})
+	}
+}
+
 func TestErrors(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -305,6 +382,29 @@ func TestErrors(t *testing.T) {
 		env  map[string]string
 		want string
 	}{
+		{
+			name: "flanneld's masquerade without fully random ports",
+			args: []string{"--ip-masq-fully-random-disable"},
+			want: "-ip-masq-fully-random-disable=true asks for masquerading without fully random source ports, which loom does not offer: " +
+				"loom masquerades with fully random ports where iptables or nftables support it; remove the flag, or keep flanneld on this node",
+		},
+		{
+			name: "flanneld's blackhole route, from its variable",
+			env:  map[string]string{"FLANNELD_IP_BLACKHOLE_ROUTE": "true"},
+			want: "FLANNELD_IP_BLACKHOLE_ROUTE=true asks for a blackhole route to the node's pod subnet (flanneld adds it where no cni0 bridge owns the subnet, as with Canal), " +
+				"which loom does not install: remove the flag, or keep flanneld on this node",
+		},
+		{
+			name: "flanneld's multi-cluster-CIDR",
+			args: []string{"--use-multi-cluster-cidr=true"},
+			want: "-use-multi-cluster-cidr=true asks for ClusterCIDR objects (networking.k8s.io/v1alpha1), which Kubernetes removed in 1.29 and flannel in v0.24: " +
+				"remove the flag; loom takes the node's subnets from its spec.podCIDRs",
+		},
+		{
+			name: "klog verbosity that is no number",
+			args: []string{"--v=debug"},
+			want: `-v "debug" is not a klog verbosity (a whole number from 0): loom ignores it anyway; set -log-level (debug, info, warn or error)`,
+		},
 		{
 			name: "unknown firewall mode",
 			args: []string{"--firewall=ipfw"},
