@@ -60,6 +60,12 @@ import (
 // runs them.
 func Backends() []string { return []string{"vxlan", "udp", "host-gw"} }
 
+// Groups is every group of measurements, by the name Config.Groups takes,
+// in the order they run in a lab.
+func Groups() []string {
+	return []string{"cost", "throughput", "latency", "convergence", "podsetup", "scale"}
+}
+
 // DefaultLabName is the name of the lab the bench builds.
 const DefaultLabName = "bench"
 
@@ -72,6 +78,14 @@ type Config struct {
 	Quick bool
 	// Runs repeats each measurement; 0 means 3 (Quick: 1).
 	Runs int
+	// Groups names the groups of measurements to run (see Groups); empty
+	// means all. Measuring the control plane alone ("convergence",
+	// "scale") leaves out the throughput runs, which only an idle machine
+	// measures well.
+	Groups []string
+	// ScalePeers overrides the synthetic peer counts of the scale group
+	// (default 100, 1000 and 5000; Quick: 100).
+	ScalePeers []int
 	// LabName names the lab(s) built; default DefaultLabName.
 	LabName string
 	// BinDir holds loom and loom-cni; default the running executable's
@@ -131,6 +145,16 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if cfg.Runs < 0 {
 		return nil, fmt.Errorf("runs %d: use 1 or more", cfg.Runs)
 	}
+	for _, g := range cfg.Groups {
+		if !slices.Contains(Groups(), g) {
+			return nil, fmt.Errorf("group %q: use some of %v", g, Groups())
+		}
+	}
+	for _, n := range cfg.ScalePeers {
+		if n < 1 || n > 8000 {
+			return nil, fmt.Errorf("scale peers %d: use 1 to 8000 (the /29s of the lab's /16)", n)
+		}
+	}
 	if cfg.Runs == 0 {
 		cfg.Runs = 3
 		if cfg.Quick {
@@ -144,6 +168,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		cfg.Logger = slog.Default()
 	}
 	b := &bencher{cfg: cfg, d: durationsFor(cfg.Quick), log: cfg.Logger, rec: newRecorder()}
+	if len(cfg.ScalePeers) > 0 {
+		b.d.scale = cfg.ScalePeers
+	}
 
 	rep := &Report{Machine: machineInfo()}
 	rep.Machine.Command, rep.Machine.Quick, rep.Machine.Runs = cfg.Command, cfg.Quick, cfg.Runs
@@ -179,6 +206,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 
 // group is one group of measurements in one lab.
 type group struct {
+	key  string // as in Groups
 	name string
 	run  func(ctx context.Context, c *cluster, idle float64) error
 }
@@ -211,19 +239,22 @@ func (b *bencher) runLab(ctx context.Context, backend string, first bool) (err e
 	defer c.close()
 
 	groups := []group{
-		{"agent cost", b.agentCost},
-		{"throughput", b.throughput},
-		{"latency", b.latency},
-		{"convergence", b.convergence},
+		{"cost", "agent cost", b.agentCost},
+		{"throughput", "throughput", b.throughput},
+		{"latency", "latency", b.latency},
+		{"convergence", "convergence", b.convergence},
 	}
 	if first {
-		groups = append(groups, group{"pod set-up", b.podSetup})
+		groups = append(groups, group{"podsetup", "pod set-up", b.podSetup})
 	}
 	if backend == "vxlan" {
 		// Last: it stops agents and leaves n1 with thousands of peers.
-		groups = append(groups, group{"control-plane scale", b.scale})
+		groups = append(groups, group{"scale", "control-plane scale", b.scale})
 	}
 	for _, g := range groups {
+		if len(b.cfg.Groups) > 0 && !slices.Contains(b.cfg.Groups, g.key) {
+			continue
+		}
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}

@@ -26,7 +26,8 @@
 // Events: the VXLAN driver announces FDB changes on the neighbour event
 // group with family AF_BRIDGE. Watch subscribes to it in the Kind's
 // namespace; an event about a key loom wants, or about a permanent entry on
-// an owned device, asks for a partial sync of that key.
+// an owned device, asks for a partial sync of that key, unless it shows
+// exactly the entry the reconciler wants there (the echo of its own change).
 //
 // Scale: one entry per peer and address family. A sync dumps the FDB of the
 // owned devices only (O(peers)) and sends one request per changed entry.
@@ -51,10 +52,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Key is an FDB entry's identity.
+// Key is an FDB entry's identity. The MAC is an array rather than its text
+// form, so making a key allocates nothing: a sync computes one per entry,
+// thousands at a time. Only six-byte MACs are keyed (owned and wanted
+// entries are unicast Ethernet MACs).
 type Key struct {
 	Dev string
-	MAC string // net.HardwareAddr.String()
+	MAC [6]byte
+}
+
+// KeyOf is the key of an entry for mac on dev.
+func KeyOf(dev string, mac net.HardwareAddr) Key {
+	k := Key{Dev: dev}
+	copy(k.MAC[:], mac)
+	return k
 }
 
 // Entry is a permanent FDB entry: frames for MAC leave encapsulated to Dst.
@@ -65,7 +76,7 @@ type Entry struct {
 }
 
 // Key returns e's identity.
-func (e Entry) Key() Key { return Key{Dev: e.Dev, MAC: e.MAC.String()} }
+func (e Entry) Key() Key { return KeyOf(e.Dev, e.MAC) }
 
 // String renders e the way `bridge fdb` does.
 func (e Entry) String() string {
@@ -251,7 +262,16 @@ func (k *Kind) notify(n reconcile.Notifier[Key], u netlink.NeighUpdate) {
 	if !known {
 		return
 	}
-	key := Key{Dev: dev, MAC: u.HardwareAddr.String()}
+	key := KeyOf(dev, u.HardwareAddr)
+	if u.Type == unix.RTM_NEWNEIGH && owned(u.Neigh) {
+		e := Entry{Dev: dev, MAC: u.HardwareAddr}
+		if ip, ok := netip.AddrFromSlice(u.IP); ok {
+			e.Dst = ip.Unmap()
+		}
+		if reconcile.Satisfied(n, k, e) {
+			return // the echo of our own change
+		}
+	}
 	if n.Wants(key) || owned(u.Neigh) {
 		n.Trigger(key)
 	}

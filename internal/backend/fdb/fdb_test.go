@@ -243,3 +243,50 @@ func TestWatch(t *testing.T) {
 		t.Errorf("unrelated entries triggered %v", got)
 	}
 }
+
+// wanter is a recorder that also says what is wanted, as a Reconciler does.
+type wanter struct {
+	*recorder
+	want map[Key]Entry
+}
+
+func (w wanter) Wanted(k Key) (Entry, bool) {
+	e, ok := w.want[k]
+	return e, ok
+}
+
+// The echo of loom's own change (its entry added exactly as wanted) asks
+// for nothing; the entry pointed elsewhere, or deleted, does.
+func TestWatchIgnoresOwnEcho(t *testing.T) {
+	nstest.NoLeaks(t)
+	k, h, vx1, _, _ := setup(t)
+	want, marker := entry(6, "198.18.0.16"), entry(7, "198.18.0.17")
+	rec := wanter{&recorder{wanted: map[Key]bool{want.Key(): true, marker.Key(): true}}, map[Key]Entry{want.Key(): want}}
+	dump(t, k)
+	ctx, cancel := context.WithCancel(context.Background())
+	wait, err := k.Watch(ctx, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); wait() })
+
+	for _, e := range []Entry{want, marker} {
+		if err := k.Create(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nstest.Eventually(t, 5*time.Second, "trigger for the marker", func() bool { return rec.has(marker.Key()) })
+	if rec.has(want.Key()) {
+		t.Fatal("the echo of creating the wanted entry triggered a sync")
+	}
+	if err := k.Update(entry(6, "198.18.0.26")); err != nil {
+		t.Fatal(err)
+	}
+	nstest.Eventually(t, 5*time.Second, "trigger for the changed entry", func() bool { return rec.has(want.Key()) })
+	rec.clear()
+	if err := h.NeighDel(&netlink.Neigh{LinkIndex: vx1.Attrs().Index, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
+		HardwareAddr: want.MAC, IP: net.ParseIP("198.18.0.26")}); err != nil {
+		t.Fatal(err)
+	}
+	nstest.Eventually(t, 5*time.Second, "trigger for the deleted entry", func() bool { return rec.has(want.Key()) })
+}

@@ -27,10 +27,12 @@
 //
 // Mechanism: Handle updates the peer cache and triggers a partial sync of
 // that peer's keys (old and new subnets), so a peer event changes only that
-// peer's routes. The reconciler recomputes the desired routes from the cache
-// at every sync (a pure function, plan), diffs them against the routes with
-// loom's protocol, and applies the difference; see package reconcile for
-// the triggers and package routes for ownership and events.
+// peer's routes. The desired routes come from the cache through a pure
+// function, plan, computed once per change of the peers or of the ext
+// interface's addresses and indexed by key (a partial sync looks at its keys
+// only); the reconciler diffs them against the routes with loom's protocol
+// and applies the difference; see package reconcile for the triggers and
+// package routes for ownership and events.
 //
 // Quirk: IPv6 addresses are flushed when their link goes down (unless
 // net.ipv6.conf.<if>.keep_addr_on_down=1). After a NIC flap, IPv6 peers stop
@@ -106,16 +108,29 @@ type Network struct {
 	peersRouted     atomic.Int64
 	peersUnroutable atomic.Int64
 
-	mu sync.Mutex // guards local and peers
+	mu sync.Mutex // guards local, peers and gen
 	// local is our own lease (nil until SetLocal): never a route target.
 	local *lease.Lease
 	// peers are the host-gw peers by lease key.
 	peers map[string]lease.Lease
+	// gen counts the changes of local and peers, so a plan knows whether
+	// it is still current.
+	gen uint64
 
+	// Touched only by the reconciler's goroutine (through desired):
+	// planned is the last plan, reused while current.
+	planned *planned
 	// reported holds the peer problems logged so far, so each is logged
-	// once when it appears and once when it is resolved. Touched only by
-	// the reconciler's goroutine (through desired).
+	// once when it appears and once when it is resolved.
 	reported map[string]problem
+}
+
+// planned is the desired state for one version of the peers and of the ext
+// interface.
+type planned struct {
+	gen    uint64
+	ext    extIface
+	routes *reconcile.State[routes.Key, routes.Route]
 }
 
 var _ backend.Network = (*Network)(nil)
@@ -219,6 +234,7 @@ func (n *Network) SetLocal(own lease.Lease) {
 	n.mu.Lock()
 	n.local = &own
 	delete(n.peers, own.Key())
+	n.gen++
 	n.mu.Unlock()
 	n.routes.TriggerFull()
 }
@@ -254,6 +270,7 @@ func (n *Network) Handle(events []lease.Event) {
 			n.log.Error("ignoring a lease event of unknown type", "type", ev.Type, "subnet", id)
 		}
 	}
+	n.gen++
 	n.mu.Unlock()
 	n.routes.Trigger(keys...)
 }
@@ -298,7 +315,7 @@ func (n *Network) Run(ctx context.Context) error {
 			return fmt.Errorf("host-gw: %w", err)
 		}
 		n.log.Info("programming peer routes", "iface", n.cfg.ExtLink, "namespace", n.cfg.NetNSPath)
-		if err := n.routes.Run(ctx, kind, func() ([]routes.Route, error) { return n.desired(h) }); err != nil {
+		if err := n.routes.RunState(ctx, kind, func() (*reconcile.State[routes.Key, routes.Route], error) { return n.desired(h) }); err != nil {
 			return fmt.Errorf("host-gw: %w", err)
 		}
 		return nil
@@ -311,9 +328,10 @@ func (n *Network) Ready() bool { return n.routes.Ready() }
 // Stats returns the route reconciler's counters.
 func (n *Network) Stats() reconcile.Stats { return n.routes.Stats() }
 
-// desired computes the routes for the current cache and the ext interface's
-// current addresses, and reports peer problems that changed.
-func (n *Network) desired(h *netlink.Handle) ([]routes.Route, error) {
+// desired returns the routes for the current cache and the ext interface's
+// current addresses, planned anew (and peer problems that changed reported)
+// when either changed since the last plan.
+func (n *Network) desired(h *netlink.Handle) (*reconcile.State[routes.Key, routes.Route], error) {
 	link, err := n.extLink(h)
 	if err != nil {
 		return nil, err
@@ -337,7 +355,11 @@ func (n *Network) desired(h *netlink.Handle) ([]routes.Route, error) {
 		n.mu.Unlock()
 		return nil, errors.New("own lease not set: the agent calls SetLocal before Run")
 	}
-	local := *n.local
+	if p := n.planned; p != nil && p.gen == n.gen && p.ext.equal(ext) {
+		n.mu.Unlock()
+		return p.routes, nil
+	}
+	gen, local := n.gen, *n.local
 	peers := make([]lease.Lease, 0, len(n.peers))
 	for _, p := range n.peers {
 		peers = append(peers, p)
@@ -346,7 +368,8 @@ func (n *Network) desired(h *netlink.Handle) ([]routes.Route, error) {
 
 	rs, problems := plan(local, peers, ext)
 	n.report(problems, len(peers))
-	return rs, nil
+	n.planned = &planned{gen: gen, ext: ext, routes: reconcile.NewState(routes.Route.Key, rs)}
+	return n.planned.routes, nil
 }
 
 // extIface is what plan needs to know about the underlay interface.
@@ -354,6 +377,10 @@ type extIface struct {
 	name  string
 	index int
 	addrs []netip.Prefix // its addresses, with their prefix lengths
+}
+
+func (e extIface) equal(o extIface) bool {
+	return e.name == o.name && e.index == o.index && slices.Equal(e.addrs, o.addrs)
 }
 
 // onLink reports whether ip lies in a subnet of the interface.
@@ -411,14 +438,24 @@ func (p problem) id() string { return p.subnet.String() }
 // its public address on the ext interface, unless that cannot work. It is
 // pure. Peers come out sorted by subnet, so the output is deterministic.
 func plan(local lease.Lease, peers []lease.Lease, ext extIface) ([]routes.Route, []problem) {
-	peers = slices.Clone(peers)
-	slices.SortFunc(peers, func(a, b lease.Lease) int { return cmp.Compare(a.Key(), b.Key()) })
+	// Sort by key, each key made once (not twice per comparison).
+	type keyed struct {
+		key string
+		l   lease.Lease
+	}
+	ks := make([]keyed, len(peers))
+	for i, p := range peers {
+		ks[i] = keyed{p.Key(), p}
+	}
+	slices.SortFunc(ks, func(a, b keyed) int { return cmp.Compare(a.key, b.key) })
 	localLegs := legs(local)
+	localKey := local.Key()
 
 	var rs []routes.Route
 	var ps []problem
-	for _, p := range peers {
-		if isSelf(local, p) {
+	for _, k := range ks {
+		p := k.l
+		if k.key == localKey || (p.Attrs.NodeName != "" && p.Attrs.NodeName == local.Attrs.NodeName) {
 			continue
 		}
 		for i, lg := range legs(p) {
@@ -430,7 +467,7 @@ func plan(local lease.Lease, peers []lease.Lease, ext extIface) ([]routes.Route,
 				fam = "IPv6"
 			}
 			bad := func(reason, fix string) {
-				ps = append(ps, problem{peer: p.Key(), node: p.Attrs.NodeName, subnet: lg.dst, gw: lg.gw, reason: reason, fix: fix})
+				ps = append(ps, problem{peer: k.key, node: p.Attrs.NodeName, subnet: lg.dst, gw: lg.gw, reason: reason, fix: fix})
 			}
 			switch {
 			case !lg.gw.IsValid() || lg.gw.BitLen() != lg.dst.Addr().BitLen():

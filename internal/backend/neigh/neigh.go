@@ -26,7 +26,8 @@
 //
 // Events: Watch subscribes to neighbour events in the Kind's namespace. An
 // event about a key loom wants, or about a permanent entry on an owned
-// device, asks for a partial sync of that key.
+// device, asks for a partial sync of that key, unless it shows exactly the
+// permanent entry the reconciler wants there (the echo of its own change).
 //
 // Scale: one entry per peer and address family. A sync dumps the neighbour
 // tables of the owned devices only (O(peers)) and sends one request per
@@ -248,7 +249,11 @@ func (k *Kind) notify(n reconcile.Notifier[Key], u netlink.NeighUpdate) {
 		return
 	}
 	key := Key{Dev: dev, IP: ip.Unmap()}
-	if n.Wants(key) || u.State&netlink.NUD_PERMANENT != 0 {
+	permanent := u.State&netlink.NUD_PERMANENT != 0
+	if u.Type == unix.RTM_NEWNEIGH && permanent && reconcile.Satisfied(n, k, Neigh{Dev: dev, IP: key.IP, MAC: u.HardwareAddr}) {
+		return // the echo of our own change
+	}
+	if n.Wants(key) || permanent {
 		n.Trigger(key)
 	}
 }

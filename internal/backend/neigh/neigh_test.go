@@ -223,3 +223,49 @@ func TestWatch(t *testing.T) {
 		t.Errorf("unrelated entries triggered %v", got)
 	}
 }
+
+// wanter is a recorder that also says what is wanted, as a Reconciler does.
+type wanter struct {
+	*recorder
+	want map[Key]Neigh
+}
+
+func (w wanter) Wanted(k Key) (Neigh, bool) {
+	n, ok := w.want[k]
+	return n, ok
+}
+
+// The echo of loom's own change (its entry added exactly as wanted) asks
+// for nothing; the entry with another MAC, or deleted, does.
+func TestWatchIgnoresOwnEcho(t *testing.T) {
+	nstest.NoLeaks(t)
+	k, h, vx1, _ := setup(t)
+	want, marker := entry("10.244.6.0", 6), entry("10.244.7.0", 7)
+	rec := wanter{&recorder{wanted: map[Key]bool{want.Key(): true, marker.Key(): true}}, map[Key]Neigh{want.Key(): want}}
+	dump(t, k)
+	ctx, cancel := context.WithCancel(context.Background())
+	wait, err := k.Watch(ctx, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); wait() })
+
+	for _, n := range []Neigh{want, marker} {
+		if err := k.Create(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nstest.Eventually(t, 5*time.Second, "trigger for the marker", func() bool { return rec.has(marker.Key()) })
+	if rec.has(want.Key()) {
+		t.Fatal("the echo of creating the wanted entry triggered a sync")
+	}
+	if err := k.Update(entry("10.244.6.0", 9)); err != nil {
+		t.Fatal(err)
+	}
+	nstest.Eventually(t, 5*time.Second, "trigger for the changed entry", func() bool { return rec.has(want.Key()) })
+	rec.clear()
+	if err := h.NeighDel(&netlink.Neigh{LinkIndex: vx1.Attrs().Index, IP: net.ParseIP("10.244.6.0")}); err != nil {
+		t.Fatal(err)
+	}
+	nstest.Eventually(t, 5*time.Second, "trigger for the deleted entry", func() bool { return rec.has(want.Key()) })
+}

@@ -3,8 +3,11 @@ package reconcile_test
 // Micro-benchmarks of the desired-state diff at 5,000 peers, with the real
 // object kinds of the vxlan backend (their Key and Equal, which touch no
 // netlink handle). A full sync diffs every key; a partial sync (a peer
-// event) only that peer's. Address plan: peers 10.244.0.0/16 split into
-// /29s, public IPs 198.19.0.0/16; no kernel is touched.
+// event) only that peer's. Diff takes the desired objects as a slice, as
+// syncs did before State; DiffState ("indexed") takes them indexed once,
+// as the backends now keep them between peer changes. Address plan: peers
+// 10.244.0.0/16 split into /29s, public IPs 198.19.0.0/16; no kernel is
+// touched.
 //
 //	go test -run '^$' -bench Diff5000 -benchmem ./internal/backend/reconcile/
 
@@ -89,6 +92,25 @@ func BenchmarkDiff5000Peers(b *testing.B) {
 			reconcile.Diff(rk, wantR, wantR, foreign, scope)
 		}
 	})
+	stateR := reconcile.NewState(rk.Key, wantR)
+	b.Run("routes/full/in-sync/indexed", func(b *testing.B) {
+		for b.Loop() {
+			if p := reconcile.DiffState(rk, stateR, wantR, foreign, nil); len(p.Create)+len(p.Update)+len(p.Delete) != 0 {
+				b.Fatalf("in-sync diff has work: %d/%d/%d", len(p.Create), len(p.Update), len(p.Delete))
+			}
+		}
+	})
+	b.Run("routes/partial/one-peer/indexed", func(b *testing.B) {
+		keys := map[routes.Key]struct{}{one: {}}
+		for b.Loop() {
+			reconcile.DiffState(rk, stateR, wantR, foreign, keys)
+		}
+	})
+	b.Run("routes/index", func(b *testing.B) {
+		for b.Loop() {
+			reconcile.NewState(rk.Key, wantR)
+		}
+	})
 	b.Run("neigh/full/10pct-changed", func(b *testing.B) {
 		for b.Loop() {
 			if p := reconcile.Diff(nk, wantN, haveN, nil, nil); len(p.Update) != benchPeers/10 {
@@ -107,6 +129,21 @@ func BenchmarkDiff5000Peers(b *testing.B) {
 	b.Run("fdb/full/in-sync", func(b *testing.B) {
 		for b.Loop() {
 			reconcile.Diff(fk, wantF, wantF, nil, nil)
+		}
+	})
+	stateF := reconcile.NewState(fk.Key, wantF)
+	b.Run("fdb/partial/10pct-changed/indexed", func(b *testing.B) {
+		// The keys a 10% update triggers: each changed peer's old and new
+		// MAC.
+		keys := map[fdb.Key]struct{}{}
+		for i := 0; i < benchPeers; i += 10 {
+			keys[wantF[i].Key()] = struct{}{}
+			keys[haveF[i].Key()] = struct{}{}
+		}
+		for b.Loop() {
+			if p := reconcile.DiffState(fk, stateF, haveF, nil, keys); len(p.Create) != benchPeers/10 || len(p.Delete) != benchPeers/10 {
+				b.Fatalf("diff creates %d and deletes %d FDB entries, want %d each", len(p.Create), len(p.Delete), benchPeers/10)
+			}
 		}
 	})
 	_ = haveR

@@ -1,6 +1,6 @@
-// Package reconcile keeps one kind of kernel object (routes today;
-// neighbours, FDB entries and links for vxlan later) equal to a desired state
-// that a backend computes from its peer cache.
+// Package reconcile keeps one kind of kernel object (routes, neighbours, FDB
+// entries, devices) equal to a desired state that a backend computes from
+// its peer cache.
 //
 // The loop, in one sentence: compute the whole desired state as data, dump
 // what the kernel holds, diff against the objects loom owns, apply only the
@@ -16,8 +16,33 @@
 //     of a peer that changed, or of an object a kernel event touched. A peer
 //     event therefore changes only that peer's objects.
 //
-// Triggers coalesce: a burst of them (a thousand leases in one watch batch,
-// the echo of our own changes) wakes the loop once, after Settle.
+// When to sync: at once on the first trigger after a quiet spell (no sync
+// for Settle), so a lone change (a new node, a route someone deleted) is
+// programmed within milliseconds. A trigger that comes within Settle of the
+// end of a sync is taken for part of a burst (a thousand leases in a few
+// watch batches, the echo of our own changes): the next sync waits until
+// triggers pause for a tenth of Settle, and at most Settle, so the rest of
+// the burst is served by one sync rather than one per trigger, and a sync
+// never waits long for triggers that are not coming.
+//
+// Groups: reconcilers whose objects depend on one another (vxlan's device,
+// then its neighbours and FDB entries, then the routes through them) run in
+// one Group: one goroutine syncs them one after another, in the order given,
+// in every round ("pass") where any of them has work, so a new peer's
+// neighbour and FDB entry are in the kernel before its route, in the same
+// pass. A member starts only once every member before it has completed a
+// full sync (a route through a device needs the device). A lone reconciler
+// is a Group of one.
+//
+// Cost: the desired state is a State, indexed by key when it is built (once
+// per change of what the backend wants, not once per sync), so a partial
+// sync looks only at the keys it was given; the kernel's objects are still
+// dumped at every sync (O(objects), a few milliseconds for thousands), since
+// that is what catches whatever changed behind loom's back. A watcher
+// ignores the echo of the reconciler's own changes (Satisfied), so a sync
+// that made thousands of changes is not followed by one that checks them
+// all again. Every change is logged at debug level, with one info line per
+// sync that changed something, giving the counts.
 //
 // Ownership: each Kind marks the objects loom creates (routes carry a
 // dedicated protocol number) and reports everything else as foreign. The
@@ -55,7 +80,7 @@ type Comparer[K comparable, V any] interface {
 }
 
 // Kind is the kernel side of one object kind, bound to one namespace.
-// Its methods are called from Run's goroutine only.
+// Its methods are called from the goroutine that runs the reconciler only.
 type Kind[K comparable, V any] interface {
 	Comparer[K, V]
 	// Dump lists the kernel's objects in the space the kind manages (for
@@ -83,6 +108,26 @@ type Notifier[K comparable] interface {
 	Wants(k K) bool
 }
 
+// Wanter is implemented by the Notifier a Reconciler gives its kind's
+// Watch: Wanted returns the object wanted at k at the last sync.
+type Wanter[K comparable, V any] interface {
+	Wanted(k K) (V, bool)
+}
+
+// Satisfied reports whether n wants exactly have at have's key, as c
+// compares them: an event showing that the kernel now holds have, as loom's
+// own object, asks for no sync. That is the echo of the reconciler's own
+// changes (thousands of events after a cold start), which would otherwise
+// cost a sync that finds nothing to do. It is false when n cannot tell.
+func Satisfied[K comparable, V any](n Notifier[K], c Comparer[K, V], have V) bool {
+	w, ok := n.(Wanter[K, V])
+	if !ok {
+		return false
+	}
+	want, ok := w.Wanted(c.Key(have))
+	return ok && c.Equal(want, have)
+}
+
 // Watcher is implemented by kinds that can follow kernel change events.
 type Watcher[K comparable] interface {
 	// Watch subscribes to the kernel's change events and feeds n until ctx
@@ -100,25 +145,27 @@ type Config struct {
 	Name string
 	// Resync is the period of full syncs; 0 means DefaultResync.
 	Resync time.Duration
-	// Settle is how long a trigger waits for more triggers before syncing,
-	// so a burst costs one sync; 0 means DefaultSettle.
+	// Settle is the longest a trigger that comes right after a sync waits
+	// for the rest of its burst, and the quiet spell after which a trigger
+	// syncs at once (see the package notes); 0 means DefaultSettle.
+	// Ignored with Group: the Group's applies.
 	Settle time.Duration
+	// Group, when set, is the Group the reconciler runs in (Group.Run);
+	// nil means a Group of its own (Run, RunState).
+	Group *Group
 	// Logger receives the reconciler's logs; nil means slog.Default().
 	Logger *slog.Logger
 }
 
 // Reconciler is the sync loop for one kind of object. Trigger, TriggerFull,
-// Wants, Ready and Stats are safe for concurrent use; Run runs at most once
-// at a time.
+// Wants, Ready and Stats are safe for concurrent use; it is run by one
+// goroutine at a time (Run, RunState or its Group's Run).
 type Reconciler[K comparable, V any] struct {
 	name   string
 	resync time.Duration
-	settle time.Duration
 	log    *slog.Logger
-
-	// kick holds at most one pending wake-up for Run. Senders never block,
-	// which is what coalesces triggers.
-	kick chan struct{}
+	group  *Group
+	shared bool // group was given in Config, with other members
 
 	// ready is set after the first successful full sync and stays set.
 	ready atomic.Bool
@@ -128,12 +175,14 @@ type Reconciler[K comparable, V any] struct {
 	dirty map[K]struct{}
 	// full says the next sync must be full.
 	full bool
-	// wanted holds the keys of the desired state at the last sync.
-	wanted map[K]struct{}
+	// wanted is the desired state at the last sync (nil: none yet).
+	wanted *State[K, V]
 	// conflicts holds the conflicts reported so far, so each is logged
 	// once when it appears and once when it goes.
 	conflicts map[K]string
 	stats     Stats
+	// lastFull is when the last full sync (successful or not) started.
+	lastFull time.Time
 }
 
 // Stats counts what a Reconciler did since it was made.
@@ -164,19 +213,18 @@ func New[K comparable, V any](cfg Config) (*Reconciler[K, V], error) {
 	r := &Reconciler[K, V]{
 		name:      cfg.Name,
 		resync:    cfg.Resync,
-		settle:    cfg.Settle,
 		log:       cfg.Logger,
-		kick:      make(chan struct{}, 1),
+		group:     cfg.Group,
+		shared:    cfg.Group != nil,
 		dirty:     make(map[K]struct{}),
-		wanted:    make(map[K]struct{}),
 		conflicts: make(map[K]string),
 		full:      true,
 	}
 	if r.resync == 0 {
 		r.resync = DefaultResync
 	}
-	if r.settle == 0 {
-		r.settle = DefaultSettle
+	if r.group == nil {
+		r.group = NewGroup(cfg.Settle)
 	}
 	if r.log == nil {
 		r.log = slog.Default()
@@ -195,7 +243,7 @@ func (r *Reconciler[K, V]) Trigger(keys ...K) {
 		r.dirty[k] = struct{}{}
 	}
 	r.mu.Unlock()
-	r.wake()
+	r.group.wake()
 }
 
 // TriggerFull asks for a full sync.
@@ -203,22 +251,21 @@ func (r *Reconciler[K, V]) TriggerFull() {
 	r.mu.Lock()
 	r.full = true
 	r.mu.Unlock()
-	r.wake()
-}
-
-func (r *Reconciler[K, V]) wake() {
-	select {
-	case r.kick <- struct{}{}:
-	default: // a wake-up is already pending
-	}
+	r.group.wake()
 }
 
 // Wants reports whether k was in the desired state at the last sync.
 func (r *Reconciler[K, V]) Wants(k K) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	_, ok := r.wanted[k]
-	return ok
+	return r.wanted.Has(k)
+}
+
+// Wanted returns the object wanted at k at the last sync (see Satisfied).
+func (r *Reconciler[K, V]) Wanted(k K) (V, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.wanted.Get(k)
 }
 
 // Ready reports whether a full sync has succeeded since the Reconciler was
@@ -237,76 +284,287 @@ func (r *Reconciler[K, V]) Stats() Stats {
 // when it fails the sync is abandoned before touching the kernel (an empty
 // answer from a broken computation must not delete everything). If kind is a
 // Watcher, its events trigger syncs. Run returns nil when ctx ends and leaves
-// the kernel as it is; it returns an error only if the watch cannot start.
+// the kernel as it is; it returns an error only if the watch cannot start,
+// or if the reconciler belongs to a shared Group (run the Group instead).
 func (r *Reconciler[K, V]) Run(ctx context.Context, kind Kind[K, V], desired func() ([]V, error)) error {
-	if w, ok := kind.(Watcher[K]); ok {
-		wctx, cancel := context.WithCancel(ctx)
-		wait, err := w.Watch(wctx, r)
+	return r.RunState(ctx, kind, func() (*State[K, V], error) {
+		objs, err := desired()
 		if err != nil {
-			cancel()
-			return fmt.Errorf("watch %s changes: %w", r.name, err)
+			return nil, err
 		}
-		defer func() {
-			cancel()
-			wait()
-		}()
-	}
+		return NewState(kind.Key, objs), nil
+	})
+}
 
-	r.mu.Lock()
-	r.full = true
-	r.mu.Unlock()
-	r.syncOnce(kind, desired)
-	timer := time.NewTimer(r.resync)
+// RunState is Run with a desired state that is already indexed: a backend
+// that keeps its State until its peers change makes a partial sync cost
+// only the keys it names (and the kernel dump).
+func (r *Reconciler[K, V]) RunState(ctx context.Context, kind Kind[K, V], desired func() (*State[K, V], error)) error {
+	if r.shared {
+		return fmt.Errorf("reconcile %s: it belongs to a Group: run the Group", r.name)
+	}
+	return r.group.Run(ctx, r.Stage(kind, desired))
+}
+
+// Stage binds r to its kernel Kind and desired state, for Group.Run. The
+// reconciler must have been made with that Group in its Config.
+func (r *Reconciler[K, V]) Stage(kind Kind[K, V], desired func() (*State[K, V], error)) Stage {
+	return Stage{s: &stage[K, V]{r: r, kind: kind, desired: desired}}
+}
+
+// Group runs reconcilers one after another on one goroutine, and coalesces
+// their triggers (see the package notes). Make it with NewGroup, give it to
+// each member's Config, and call Run with their Stages in order.
+type Group struct {
+	settle time.Duration
+	// kick holds at most one pending wake-up of Run. Senders never block,
+	// which is what coalesces triggers.
+	kick chan struct{}
+	// lastWake is when the last wake-up was sent (UnixNano), to tell
+	// when a burst pauses.
+	lastWake atomic.Int64
+	// batch is held shared by Batch and exclusively by a pass while it
+	// takes its members' triggers, so a pass sees a batch whole or not
+	// at all.
+	batch sync.RWMutex
+}
+
+// NewGroup returns a Group whose triggers that come within settle of a pass
+// wait at most settle for the rest of their burst; 0 means DefaultSettle.
+func NewGroup(settle time.Duration) *Group {
+	if settle <= 0 {
+		settle = DefaultSettle
+	}
+	return &Group{settle: settle, kick: make(chan struct{}, 1)}
+}
+
+// Batch runs fn, whose triggers for several members (a peer's neighbour,
+// FDB entry and route) then reach one pass together: a pass takes the keys
+// triggered in its members either before fn or after it, never half-way,
+// so each member's objects for those keys are synced in member order.
+// fn must not call Batch.
+func (g *Group) Batch(fn func()) {
+	g.batch.RLock()
+	defer g.batch.RUnlock()
+	fn()
+}
+
+func (g *Group) wake() {
+	g.lastWake.Store(time.Now().UnixNano())
+	select {
+	case g.kick <- struct{}{}:
+	default: // a wake-up is already pending
+	}
+}
+
+// Stage is a member of a Group, bound to its Kind and desired state
+// (Reconciler.Stage).
+type Stage struct{ s stager }
+
+// stager is what Run needs of a Stage, whatever its key and value types.
+type stager interface {
+	watch(ctx context.Context) (wait func(), err error)
+	// take moves the keys triggered so far into the stage's work for the
+	// coming pass. A full sync asked for is taken at syncOnce instead, so
+	// an earlier member can ask for one within the pass (a device
+	// re-created: replay what lives on it).
+	take()
+	// syncOnce runs one sync, full or partial, if there is work.
+	syncOnce()
+	Ready() bool
+	// resyncDue is when the next periodic full sync is due (zero: no
+	// full sync has run yet, so one is pending anyway).
+	resyncDue() time.Time
+	TriggerFull()
+}
+
+// Run syncs the stages until ctx is done: a pass at once (full syncs), then
+// a pass on every trigger of a member and when a member's Resync is due. A
+// pass syncs each member with work, in order; a member whose predecessors
+// have not all completed a full sync yet waits for a later pass. Run
+// returns nil when ctx ends and leaves the kernel as it is; it returns an
+// error only if a member's watch cannot start.
+func (g *Group) Run(ctx context.Context, stages ...Stage) error {
+	wctx, cancel := context.WithCancel(ctx)
+	var waits []func()
+	defer func() {
+		cancel()
+		for _, wait := range waits {
+			wait()
+		}
+	}()
+	for _, st := range stages {
+		wait, err := st.s.watch(wctx)
+		if err != nil {
+			return err
+		}
+		if wait != nil {
+			waits = append(waits, wait)
+		}
+	}
+	for _, st := range stages {
+		st.s.TriggerFull()
+	}
+	select { // the first pass serves every trigger made so far
+	case <-g.kick:
+	default:
+	}
+	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
+		g.pass(stages)
+		lastEnd := time.Now()
+		timer.Reset(g.nextResync(stages, lastEnd))
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-timer.C:
-			r.TriggerFull()
-		case <-r.kick:
-			// Let the burst this trigger belongs to arrive.
-			select {
-			case <-ctx.Done():
+			now := time.Now()
+			for _, st := range stages {
+				if due := st.s.resyncDue(); !due.IsZero() && !now.Before(due) {
+					st.s.TriggerFull()
+				}
+			}
+		case <-g.kick:
+			// Within Settle of the last pass, let the rest of the burst
+			// arrive; after a quiet spell, go at once.
+			if time.Since(lastEnd) < g.settle && !g.quiesce(ctx) {
 				return nil
-			case <-time.After(r.settle):
 			}
 		}
-		select { // the sync below serves any wake-up queued meanwhile
-		case <-r.kick:
+		select { // the pass below serves any wake-up queued meanwhile
+		case <-g.kick:
 		default:
-		}
-		if r.syncOnce(kind, desired) {
-			timer.Reset(r.resync)
 		}
 	}
 }
 
-// syncOnce runs one sync, full or partial as requested, and reports whether
-// it was a full one.
-func (r *Reconciler[K, V]) syncOnce(kind Kind[K, V], desired func() ([]V, error)) (full bool) {
-	r.mu.Lock()
-	full = r.full
-	keys := r.dirty
-	r.full = false
-	r.dirty = make(map[K]struct{})
-	r.mu.Unlock()
-	if !full && len(keys) == 0 {
-		return false
+// quiesce waits until no wake-up has come for a tenth of Settle, or Settle
+// has passed. It returns false if ctx ended meanwhile.
+func (g *Group) quiesce(ctx context.Context) bool {
+	pause := g.settle / 10
+	deadline := time.Now().Add(g.settle)
+	for {
+		now := time.Now()
+		wait := min(pause-now.Sub(time.Unix(0, g.lastWake.Load())), deadline.Sub(now))
+		if wait <= 0 {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(wait):
+		}
 	}
-	var scope func(K) bool
-	if !full {
-		scope = func(k K) bool { _, ok := keys[k]; return ok }
+}
+
+func (g *Group) pass(stages []Stage) {
+	g.batch.Lock()
+	for _, st := range stages {
+		st.s.take()
+	}
+	g.batch.Unlock()
+	for _, st := range stages {
+		st.s.syncOnce()
+		if !st.s.Ready() {
+			return // the members after it wait for its first full sync
+		}
+	}
+}
+
+// nextResync returns how long until the earliest periodic full sync due.
+func (g *Group) nextResync(stages []Stage, now time.Time) time.Duration {
+	next := time.Hour
+	for _, st := range stages {
+		if due := st.s.resyncDue(); !due.IsZero() {
+			next = min(next, max(due.Sub(now), 0))
+		}
+	}
+	return next
+}
+
+// stage is a Reconciler bound to its Kind and desired state.
+type stage[K comparable, V any] struct {
+	r       *Reconciler[K, V]
+	kind    Kind[K, V]
+	desired func() (*State[K, V], error)
+
+	// keys is the work taken for the coming pass; touched only by the
+	// goroutine running the Group. It stays for a later pass while the
+	// stage waits for the members before it.
+	keys map[K]struct{}
+}
+
+func (s *stage[K, V]) watch(ctx context.Context) (func(), error) {
+	w, ok := s.kind.(Watcher[K])
+	if !ok {
+		return nil, nil
+	}
+	wait, err := w.Watch(ctx, s.r)
+	if err != nil {
+		return nil, fmt.Errorf("watch %s changes: %w", s.r.name, err)
+	}
+	return wait, nil
+}
+
+func (s *stage[K, V]) Ready() bool  { return s.r.Ready() }
+func (s *stage[K, V]) TriggerFull() { s.r.TriggerFull() }
+
+func (s *stage[K, V]) resyncDue() time.Time {
+	s.r.mu.Lock()
+	defer s.r.mu.Unlock()
+	if s.r.lastFull.IsZero() {
+		return time.Time{}
+	}
+	return s.r.lastFull.Add(s.r.resync)
+}
+
+func (s *stage[K, V]) take() {
+	r := s.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.dirty) == 0 {
+		return
+	}
+	if len(s.keys) == 0 {
+		s.keys, r.dirty = r.dirty, make(map[K]struct{})
+		return
+	}
+	for k := range r.dirty {
+		s.keys[k] = struct{}{}
+	}
+	clear(r.dirty)
+}
+
+func (s *stage[K, V]) syncOnce() {
+	r := s.r
+	r.mu.Lock()
+	full := r.full
+	r.full = false
+	if full {
+		// A full sync covers every key, also those triggered since
+		// the pass took its work.
+		clear(r.dirty)
+	}
+	r.mu.Unlock()
+	keys := s.keys
+	s.keys = nil
+	if !full && len(keys) == 0 {
+		return
+	}
+	if full {
+		keys = nil // every key
 	}
 
 	start := time.Now()
-	res, err := r.sync(kind, desired, scope)
+	res, err := r.sync(s.kind, s.desired, keys)
 	elapsed := time.Since(start)
 
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if full {
 		r.stats.FullSyncs++
+		r.lastFull = start
 	} else {
 		r.stats.PartialSyncs++
 	}
@@ -321,15 +579,18 @@ func (r *Reconciler[K, V]) syncOnce(kind Kind[K, V], desired func() ([]V, error)
 		r.stats.Errors++
 		r.full = true // whatever went wrong, look at everything next time
 		r.log.Error("sync failed; the next sync is a full one", "full", full, "keys", len(keys), "err", err)
-		return full
+		return
 	}
 	if full {
 		r.stats.LastFullSync = time.Now()
 		r.ready.Store(true)
 	}
-	r.log.Debug("synced", "full", full, "keys", len(keys), "created", res.created,
+	level := slog.LevelDebug
+	if res.created+res.updated+res.deleted > 0 {
+		level = slog.LevelInfo
+	}
+	r.log.Log(context.Background(), level, "synced", "full", full, "keys", len(keys), "created", res.created,
 		"updated", res.updated, "deleted", res.deleted, "duration", elapsed)
-	return full
 }
 
 type result struct {
@@ -338,18 +599,16 @@ type result struct {
 	created, updated, deleted uint64
 }
 
-func (r *Reconciler[K, V]) sync(kind Kind[K, V], desired func() ([]V, error), scope func(K) bool) (result, error) {
+// sync makes the kernel's objects at keys (all of them when keys is nil)
+// match the desired state.
+func (r *Reconciler[K, V]) sync(kind Kind[K, V], desired func() (*State[K, V], error), keys map[K]struct{}) (result, error) {
 	var res result
 	want, err := desired()
 	if err != nil {
 		return res, fmt.Errorf("compute desired %ss: %w", r.name, err)
 	}
-	wanted := make(map[K]struct{}, len(want))
-	for _, w := range want {
-		wanted[kind.Key(w)] = struct{}{}
-	}
 	r.mu.Lock()
-	r.wanted = wanted
+	r.wanted = want
 	r.mu.Unlock()
 
 	owned, foreign, err := kind.Dump()
@@ -359,13 +618,16 @@ func (r *Reconciler[K, V]) sync(kind Kind[K, V], desired func() ([]V, error), sc
 	res.dumped = true
 	res.owned = len(owned)
 
-	p := Diff(kind, want, owned, foreign, scope)
+	p := DiffState(kind, want, owned, foreign, keys)
 	for _, d := range p.Duplicates {
 		r.log.Error("two desired objects share one key; keeping the first", "dropped", fmt.Sprint(d))
 	}
-	r.reportConflicts(kind, p.Conflicts, scope)
+	r.reportConflicts(kind, p.Conflicts, keys)
 
-	// Apply as much as possible, then report every failure at once.
+	// Apply as much as possible, then report every failure at once. Each
+	// change is logged at debug level only: a cold start with thousands of
+	// peers makes thousands, and the sync's info line counts them.
+	debug := r.log.Enabled(context.Background(), slog.LevelDebug)
 	var errs []error
 	for _, h := range p.Delete {
 		if err := kind.Delete(h); err != nil {
@@ -374,7 +636,9 @@ func (r *Reconciler[K, V]) sync(kind Kind[K, V], desired func() ([]V, error), sc
 		}
 		res.deleted++
 		res.owned--
-		r.log.Info("deleted, no longer wanted", r.name, fmt.Sprint(h))
+		if debug {
+			r.log.Debug("deleted, no longer wanted", r.name, fmt.Sprint(h))
+		}
 	}
 	for _, w := range p.Update {
 		if err := kind.Update(w); err != nil {
@@ -382,7 +646,9 @@ func (r *Reconciler[K, V]) sync(kind Kind[K, V], desired func() ([]V, error), sc
 			continue
 		}
 		res.updated++
-		r.log.Info("updated", r.name, fmt.Sprint(w))
+		if debug {
+			r.log.Debug("updated", r.name, fmt.Sprint(w))
+		}
 	}
 	for _, w := range p.Create {
 		if err := kind.Create(w); err != nil {
@@ -391,14 +657,16 @@ func (r *Reconciler[K, V]) sync(kind Kind[K, V], desired func() ([]V, error), sc
 		}
 		res.created++
 		res.owned++
-		r.log.Info("created", r.name, fmt.Sprint(w))
+		if debug {
+			r.log.Debug("created", r.name, fmt.Sprint(w))
+		}
 	}
 	return res, errors.Join(errs...)
 }
 
 // reportConflicts logs conflicts that appeared or went since the last report,
-// for keys in scope (all keys when scope is nil).
-func (r *Reconciler[K, V]) reportConflicts(kind Kind[K, V], cs []Conflict[V], scope func(K) bool) {
+// for keys in scope (all keys when keys is nil).
+func (r *Reconciler[K, V]) reportConflicts(kind Kind[K, V], cs []Conflict[V], keys map[K]struct{}) {
 	now := make(map[K]Conflict[V], len(cs))
 	for _, c := range cs {
 		now[kind.Key(c.Want)] = c
@@ -406,7 +674,7 @@ func (r *Reconciler[K, V]) reportConflicts(kind Kind[K, V], cs []Conflict[V], sc
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for k, msg := range r.conflicts {
-		if scope != nil && !scope(k) {
+		if _, in := keys[k]; keys != nil && !in {
 			continue
 		}
 		if _, ok := now[k]; !ok {

@@ -405,3 +405,190 @@ func TestConfigErrors(t *testing.T) {
 		}
 	}
 }
+
+// A trigger after a quiet spell is served at once, not after Settle.
+func TestTriggerAfterQuietSyncsAtOnce(t *testing.T) {
+	const settle = time.Second
+	kernel := newFakeKernel()
+	d := &desiredSet{objs: []obj{{k: "a", v: "1"}}}
+	r, err := New[string, obj](Config{Name: "obj", Resync: time.Hour, Settle: settle,
+		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start(t, r, kernel, d)
+	eventually(t, "ready", r.Ready)
+	time.Sleep(settle + settle/10) // quiet
+
+	d.set([]obj{{k: "a", v: "1"}, {k: "b", v: "1"}}, nil)
+	began := time.Now()
+	r.Trigger("b")
+	eventually(t, "b created", func() bool { _, ok := kernel.get("b"); return ok })
+	if took := time.Since(began); took > settle/2 {
+		t.Errorf("a trigger after a quiet spell took %v to sync; Settle is %v", took, settle)
+	}
+}
+
+// Triggers that keep coming right after a sync are served together.
+func TestBurstCoalesced(t *testing.T) {
+	kernel := newFakeKernel()
+	d := &desiredSet{}
+	r, err := New[string, obj](Config{Name: "obj", Resync: time.Hour, Settle: 500 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start(t, r, kernel, d)
+	eventually(t, "ready", r.Ready)
+
+	var objs []obj
+	for i := range 20 {
+		objs = append(objs, obj{k: fmt.Sprint(i), v: "1"})
+		d.set(slices.Clone(objs), nil)
+		r.Trigger(fmt.Sprint(i))
+		time.Sleep(2 * time.Millisecond) // well under a tenth of Settle
+	}
+	eventually(t, "all created", func() bool { _, ok := kernel.get("19"); return ok })
+	// The first trigger syncs at once (quiet before it); the rest of the
+	// burst comes within Settle of that sync and waits for the pause.
+	if s := r.Stats(); s.PartialSyncs > 5 {
+		t.Errorf("a burst of 20 triggers took %d partial syncs, want it coalesced", s.PartialSyncs)
+	}
+}
+
+// journal records the Create calls of several kinds in one order.
+type journal struct {
+	mu      sync.Mutex // guards entries
+	entries []string
+}
+
+func (j *journal) add(s string) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.entries = append(j.entries, s)
+}
+
+func (j *journal) index(s string) int {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return slices.Index(j.entries, s)
+}
+
+type journaled struct {
+	*fakeKernel
+	name string
+	j    *journal
+}
+
+func (k journaled) Create(w obj) error {
+	if err := k.fakeKernel.Create(w); err != nil {
+		return err
+	}
+	k.j.add(k.name + " " + w.k)
+	return nil
+}
+
+// Members of a Group sync in order within a pass: a key triggered in all
+// of them in one Batch is created by the first, then the second, then the
+// third. A member waits for the first full sync of those before it.
+func TestGroupRunsMembersInOrder(t *testing.T) {
+	g := NewGroup(time.Millisecond)
+	j := &journal{}
+	names := []string{"device", "neigh", "route"}
+	var rs []*Reconciler[string, obj]
+	var kernels []*fakeKernel
+	var ds []*desiredSet
+	var stages []Stage
+	for _, name := range names {
+		r, err := New[string, obj](Config{Name: name, Resync: time.Hour, Group: g,
+			Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		k := newFakeKernel()
+		d := &desiredSet{}
+		rs, kernels, ds = append(rs, r), append(kernels, k), append(ds, d)
+		stages = append(stages, r.Stage(journaled{k, name, j}, func() (*State[string, obj], error) {
+			objs, err := d.get()
+			if err != nil {
+				return nil, err
+			}
+			return NewState(cmp{}.Key, objs), nil
+		}))
+	}
+	// The first member cannot sync yet (its device is missing, say).
+	ds[0].set(nil, errors.New("not yet"))
+	if err := rs[0].Run(context.Background(), kernels[0], ds[0].get); err == nil {
+		t.Error("Run of a member of a shared Group did not fail")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- g.Run(ctx, stages...) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Group.Run: %v", err)
+		}
+	})
+	eventually(t, "a failed first sync", func() bool { return rs[0].Stats().Errors > 0 })
+	if s := rs[1].Stats(); s.FullSyncs+s.PartialSyncs != 0 {
+		t.Fatalf("the second member synced before the first could: %+v", s)
+	}
+
+	ds[0].set(nil, nil)
+	rs[0].TriggerFull()
+	eventually(t, "all ready", func() bool { return rs[0].Ready() && rs[1].Ready() && rs[2].Ready() })
+
+	for i := range 50 {
+		k := fmt.Sprint("k", i)
+		for _, d := range ds {
+			objs, _ := d.get()
+			d.set(append(objs, obj{k: k, v: "1"}), nil)
+		}
+		g.Batch(func() {
+			for _, r := range rs {
+				r.Trigger(k)
+			}
+		})
+	}
+	eventually(t, "the last key routed", func() bool { _, ok := kernels[2].get("k49"); return ok })
+	for i := range 50 {
+		k := fmt.Sprint(" k", i)
+		a, b, c := j.index("device"+k), j.index("neigh"+k), j.index("route"+k)
+		if a < 0 || b < 0 || c < 0 || a > b || b > c {
+			t.Errorf("key k%d created at positions %d, %d, %d of the journal, want device, then neigh, then route", i, a, b, c)
+		}
+	}
+}
+
+// A partial diff of an indexed state equals the scoped diff of the same
+// objects.
+func TestDiffStateMatchesDiff(t *testing.T) {
+	mk := func(seed, n int, owned bool) []obj {
+		var objs []obj
+		for i := range n {
+			x := (seed*31 + i*17) % 23
+			objs = append(objs, obj{k: fmt.Sprint("k", x), v: fmt.Sprint(x % 3), owned: owned})
+		}
+		return objs
+	}
+	for seed := range 30 {
+		desired, owned, foreign := mk(seed, 15, false), mk(seed+1, 12, true), mk(seed+2, 4, false)
+		keys := map[string]struct{}{}
+		for i := range seed % 7 {
+			keys[fmt.Sprint("k", (seed+i*5)%23)] = struct{}{}
+		}
+		want := Diff(cmp{}, desired, owned, foreign, func(k string) bool { _, ok := keys[k]; return ok })
+		got := DiffState(cmp{}, NewState(cmp{}.Key, desired), owned, foreign, keys)
+		if !slices.Equal(got.Create, want.Create) || !slices.Equal(got.Update, want.Update) ||
+			!slices.Equal(got.Delete, want.Delete) || !slices.Equal(got.Conflicts, want.Conflicts) {
+			t.Errorf("seed %d: DiffState %+v, Diff %+v", seed, got, want)
+		}
+		full := Diff(cmp{}, desired, owned, foreign, nil)
+		gotFull := DiffState(cmp{}, NewState(cmp{}.Key, desired), owned, foreign, nil)
+		if !slices.Equal(gotFull.Create, full.Create) || !slices.Equal(gotFull.Update, full.Update) ||
+			!slices.Equal(gotFull.Delete, full.Delete) || !slices.Equal(gotFull.Duplicates, full.Duplicates) {
+			t.Errorf("seed %d: full DiffState %+v, Diff %+v", seed, gotFull, full)
+		}
+	}
+}

@@ -26,7 +26,8 @@
 // (proto kernel: an address or link changed) asks for a full sync, because
 // which gateways are on-link may have changed (only on the underlay link when
 // the caller names it, so pod veths coming and going cost nothing). The echo
-// of our own changes costs one partial sync that finds nothing to do.
+// of our own changes (a loom route added or replaced exactly as the
+// reconciler wants it) asks for nothing (reconcile.Satisfied).
 //
 // Scale: a sync is one dump per address family (O(routes in the table)) and
 // one netlink request per changed route. A thousand peers is a thousand
@@ -391,6 +392,9 @@ func (k *Kind) notify(n reconcile.Notifier[Key], u netlink.RouteUpdate) {
 	}
 	key := r.Key()
 	switch {
+	case u.Type == unix.RTM_NEWROUTE && u.Protocol == k.proto && reconcile.Satisfied(n, k, r):
+		// The kernel now holds the route loom wants, as loom's: the
+		// echo of our own change, nothing to do.
 	case u.Protocol == k.proto, n.Wants(key):
 		n.Trigger(key)
 	case u.Protocol == unix.RTPROT_KERNEL && (k.underlay == 0 || u.LinkIndex == k.underlay):

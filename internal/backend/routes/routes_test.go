@@ -181,3 +181,56 @@ func TestWatchTriggers(t *testing.T) {
 		t.Errorf("an unrelated foreign route triggered %v", rec.keys[n:])
 	}
 }
+
+// wanter is a recorder that also says what is wanted, as a Reconciler does.
+type wanter struct {
+	*recorder
+	want map[Key]Route
+}
+
+func (w wanter) Wanted(k Key) (Route, bool) {
+	r, ok := w.want[k]
+	return r, ok
+}
+
+// The echo of loom's own change (its route added exactly as wanted) asks
+// for nothing; the route deleted, or replaced by a different one, does.
+func TestWatchIgnoresOwnEcho(t *testing.T) {
+	nstest.NoLeaks(t)
+	k, h, eth0, _ := newKind(t)
+	want := Route{Dst: netip.MustParsePrefix("10.244.6.0/24"), Gw: netip.MustParseAddr("198.18.0.16"), LinkIndex: eth0.Attrs().Index}
+	rec := wanter{&recorder{wanted: map[Key]bool{want.Key(): true}}, map[Key]Route{want.Key(): want}}
+	ctx, cancel := context.WithCancel(context.Background())
+	wait, err := k.Watch(ctx, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); wait() })
+
+	if err := k.Create(want); err != nil {
+		t.Fatal(err)
+	}
+	// A marker after it: once its trigger is in, the echo has been seen.
+	marker := Route{Dst: netip.MustParsePrefix("10.244.7.0/24"), Gw: netip.MustParseAddr("198.18.0.17"), LinkIndex: eth0.Attrs().Index}
+	if err := k.Create(marker); err != nil {
+		t.Fatal(err)
+	}
+	nstest.Eventually(t, 5*time.Second, "trigger for the marker", func() bool { return rec.triggered(marker.Key()) })
+	if rec.triggered(want.Key()) {
+		t.Fatal("the echo of creating the wanted route triggered a sync")
+	}
+
+	changed := want
+	changed.Gw = netip.MustParseAddr("198.18.0.26")
+	if err := k.Update(changed); err != nil {
+		t.Fatal(err)
+	}
+	nstest.Eventually(t, 5*time.Second, "trigger for the changed route", func() bool { return rec.triggered(want.Key()) })
+	rec.mu.Lock()
+	rec.keys = nil
+	rec.mu.Unlock()
+	if err := h.RouteDel(k.toNetlink(changed)); err != nil {
+		t.Fatal(err)
+	}
+	nstest.Eventually(t, 5*time.Second, "trigger for the deleted route", func() bool { return rec.triggered(want.Key()) })
+}

@@ -55,19 +55,49 @@ func decodeData(raw json.RawMessage) (peerData, error) {
 	return pd, nil
 }
 
-// leg is one address family of a lease: the subnet, where the peer is on
-// the underlay, and its VTEP.
+// peer is a peer's lease with what plan reads from it worked out once, when
+// the lease arrives, rather than at every plan: its key, and its backend
+// data decoded (a JSON decode per peer and family, thousands per plan).
+type peer struct {
+	key    string
+	l      lease.Lease
+	v4, v6 decoded // BackendData, BackendV6Data; only for vxlan peers
+}
+
+// decoded is a peer's backend data for one family, or why it is unusable.
+type decoded struct {
+	peerData
+	err error
+}
+
+func newPeer(key string, l lease.Lease) peer {
+	p := peer{key: key, l: l}
+	if l.Attrs.BackendType == Type {
+		p.v4.peerData, p.v4.err = decodeData(l.Attrs.BackendData)
+		p.v6.peerData, p.v6.err = decodeData(l.Attrs.BackendV6Data)
+	}
+	return p
+}
+
+func (p peer) data(v6 bool) decoded {
+	if v6 {
+		return p.v6
+	}
+	return p.v4
+}
+
+// leg is one address family of a lease: the subnet and where the peer is
+// on the underlay.
 type leg struct {
 	subnet netip.Prefix
 	public netip.Addr
-	data   json.RawMessage
 }
 
 func legOf(l lease.Lease, v6 bool) leg {
 	if !v6 {
-		return leg{subnet: l.Subnet.Masked(), public: l.Attrs.PublicIP, data: l.Attrs.BackendData}
+		return leg{subnet: l.Subnet.Masked(), public: l.Attrs.PublicIP}
 	}
-	lg := leg{subnet: l.IPv6Subnet.Masked(), data: l.Attrs.BackendV6Data}
+	lg := leg{subnet: l.IPv6Subnet.Masked()}
 	if l.Attrs.PublicIPv6 != nil {
 		lg.public = *l.Attrs.PublicIPv6
 	}
@@ -111,6 +141,12 @@ type world struct {
 	directRouting bool
 	devs          []famDev // this node's devices, one per enabled family
 	ext           extIface
+}
+
+// equal reports whether a plan made for w holds for o too.
+func (w world) equal(o world) bool {
+	return w.vni == o.vni && w.directRouting == o.directRouting && slices.Equal(w.devs, o.devs) &&
+		w.ext.name == o.ext.name && w.ext.index == o.ext.index && slices.Equal(w.ext.addrs, o.ext.addrs)
 }
 
 // Problem kinds, the values of the "reason" label of the skipped-peers
@@ -157,17 +193,28 @@ type desired struct {
 // Our own lease, found by key or node name, gets nothing. plan is pure; peers
 // are taken in key order, so equal inputs give equal answers.
 func plan(local lease.Lease, peers []lease.Lease, w world) desired {
-	peers = slices.Clone(peers)
-	slices.SortFunc(peers, func(a, b lease.Lease) int { return cmp.Compare(a.Key(), b.Key()) })
+	ps := make([]peer, len(peers))
+	for i, l := range peers {
+		ps[i] = newPeer(l.Key(), l)
+	}
+	return planPeers(local, ps, w)
+}
+
+// planPeers is plan for peers whose data newPeer has decoded. It sorts
+// peers.
+func planPeers(local lease.Lease, peers []peer, w world) desired {
+	slices.SortFunc(peers, func(a, b peer) int { return cmp.Compare(a.key, b.key) })
+	localKey := local.Key()
 	var d desired
-	macOwner := make(map[fdb.Key]string) // the node that claimed a VTEP MAC first
-	for _, p := range peers {
-		if isSelf(local, p) {
+	macOwner := make(map[fdb.Key]int, len(peers)) // the peer that claimed a VTEP MAC first
+	for i, pr := range peers {
+		p := pr.l
+		if pr.key == localKey || (p.Attrs.NodeName != "" && p.Attrs.NodeName == local.Attrs.NodeName) {
 			continue
 		}
 		if p.Attrs.BackendType != Type {
 			d.problems = append(d.problems, problem{
-				kind: skipOtherBackend, peer: p.Key(), node: p.Attrs.NodeName,
+				kind: skipOtherBackend, peer: pr.key, node: p.Attrs.NodeName,
 				reason: fmt.Sprintf("the peer runs the %q backend, this node %q: no route to it", p.Attrs.BackendType, Type),
 				fix:    "run every node of the cluster with the same Backend.Type",
 			})
@@ -180,7 +227,7 @@ func plan(local lease.Lease, peers []lease.Lease, w world) desired {
 			}
 			own := legOf(local, dev.v6)
 			bad := func(reason, fix string) {
-				d.problems = append(d.problems, problem{kind: skipUnusable, peer: p.Key(), node: p.Attrs.NodeName,
+				d.problems = append(d.problems, problem{kind: skipUnusable, peer: pr.key, node: p.Attrs.NodeName,
 					subnet: lg.subnet, reason: reason, fix: fix})
 			}
 			fam := dev.family()
@@ -202,7 +249,7 @@ func plan(local lease.Lease, peers []lease.Lease, w world) desired {
 				d.direct = append(d.direct, lg.subnet)
 				continue
 			}
-			data, err := decodeData(lg.data)
+			data, err := pr.data(dev.v6).peerData, pr.data(dev.v6).err // decoded by newPeer
 			field := "BackendData"
 			if dev.v6 {
 				field = "BackendV6Data"
@@ -217,13 +264,13 @@ func plan(local lease.Lease, peers []lease.Lease, w world) desired {
 					"set the same Backend.VNI on every node")
 				continue
 			}
-			fk := fdb.Entry{Dev: dev.name, MAC: data.mac}.Key()
+			fk := fdb.KeyOf(dev.name, data.mac)
 			if first, taken := macOwner[fk]; taken {
-				bad(fmt.Sprintf("its VtepMAC %s is also the VtepMAC of %s", data.mac, first),
+				bad(fmt.Sprintf("its VtepMAC %s is also the VtepMAC of %s", data.mac, peers[first].l),
 					"two nodes have one VTEP MAC: give them distinct node names, or fix the persisted MAC file of one")
 				continue
 			}
-			macOwner[fk] = p.String()
+			macOwner[fk] = i
 			gw := lg.subnet.Addr()
 			d.neighs = append(d.neighs, neigh.Neigh{Dev: dev.name, IP: gw, MAC: data.mac})
 			d.fdbs = append(d.fdbs, fdb.Entry{Dev: dev.name, MAC: data.mac, Dst: lg.public})

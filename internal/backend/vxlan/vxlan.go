@@ -31,20 +31,23 @@
 //
 // Mechanism: one reconciler (package reconcile) per object kind: devices with
 // their attributes, address and offload (package links), neighbours (package
-// neigh), FDB entries (package fdb) and routes (package routes). Each
-// recomputes its desired state from the one peer cache with the pure function
-// plan, diffs it against what loom owns, and applies the difference, on peer
-// events (partial syncs of that peer's keys), netlink events and a periodic
-// resync. Order:
+// neigh), FDB entries (package fdb) and routes (package routes). Each diffs
+// its desired state against what loom owns and applies the difference, on
+// peer events (partial syncs of that peer's keys), netlink events and a
+// periodic resync. The desired state comes from the peer cache through the
+// pure function plan, computed once per change of the peers (or of the
+// underlay and devices it reads) and indexed by key, so a partial sync looks
+// at nothing but its keys. The four run in one reconcile.Group, one
+// goroutine, in this order within every pass:
 //
-//  1. The link reconciler runs first; the others start once it has synced
+//  1. Devices first; the others start once the device reconciler has synced
 //     fully. A route via flannel.1 onlink needs the device up (the kernel
 //     refuses it otherwise), and neighbours and FDB entries need the device.
-//  2. Neighbours and FDB entries next, routes last: the route reconciler
-//     starts after their first full sync, and waits longer after each trigger
-//     (routeSettle), so a new peer's route normally lands after its neighbour
-//     and FDB entry, as flannel orders them. Nothing depends on it: a packet
-//     routed before its neighbour exists waits in the kernel's queue of the
+//  2. Neighbours and FDB entries next, routes last, so a new peer's route
+//     lands after its neighbour and FDB entry, in the same pass, as flannel
+//     orders them. Handle triggers the three in one Group.Batch, so they are
+//     served by one pass. Nothing depends on the order: a packet routed
+//     before its neighbour exists waits in the kernel's queue of the
 //     unresolved neighbour, which the permanent entry releases.
 //  3. Whenever the link reconciler creates or changes a device (someone
 //     deleted it, took it down, changed its MAC), the three others are asked
@@ -71,9 +74,17 @@
 // is at the line that does it, in desiredLinks.
 //
 // Scale: one neighbour, one FDB entry and one route per peer and family, so
-// O(peers) kernel objects and desired-state work; a full sync is one dump per
-// kind (a thousand peers: a few milliseconds). Devices: one per family,
-// whatever the cluster size.
+// O(peers) kernel objects. Desired-state work is O(peers) per change of the
+// peers (a batch of watch events), with each lease's backend data decoded
+// once when it arrives; a sync is one dump per kind (5,000 peers: a few
+// milliseconds) and one request per changed object. Devices: one per
+// family, whatever the cluster size. The kernel's own cost dominates a cold
+// start: every route has its own gateway, and IPv4 keeps such routes' next
+// hops (fib_info) in one hash chain per device and protocol, which each
+// insertion walks, so adding N routes is O(N²) in the kernel (5,000 routes:
+// about 0.4 s of kernel time here, against 0.1 s for 5,000 routes sharing
+// one gateway). Only nexthop objects (RTA_NH_ID) would avoid that, at the
+// cost of routes that no longer look like flannel's.
 //
 // Shutdown leaves everything in place, so pods keep working while the agent
 // restarts; the next agent finds the state as it should be and changes
@@ -120,11 +131,6 @@ const (
 // minIPv6MTU is the smallest MTU IPv6 works on (RFC 8200); the kernel
 // disables IPv6 on a link below it.
 const minIPv6MTU = 1280
-
-// routeSettle is how long the route reconciler waits after a trigger, longer
-// than the neighbour and FDB reconcilers (reconcile.DefaultSettle), so a new
-// peer's route usually comes after its neighbour and FDB entry.
-const routeSettle = 250 * time.Millisecond
 
 // DeviceName is the VXLAN device of a family, as flannel names it:
 // flannel.<VNI> for IPv4, flannel-v6.<VNI> for IPv6.
@@ -190,6 +196,8 @@ type Network struct {
 	log  *slog.Logger
 	fams []family // the enabled families, IPv4 first
 
+	// The reconcilers, run in this order by group.
+	group *reconcile.Group
 	link  *reconcile.Reconciler[string, links.Device]
 	neigh *reconcile.Reconciler[neigh.Key, neigh.Neigh]
 	fdb   *reconcile.Reconciler[fdb.Key, fdb.Entry]
@@ -199,20 +207,37 @@ type Network struct {
 	subnets *prometheus.GaugeVec // by path: vxlan, direct
 	skipped *prometheus.GaugeVec // by reason: other-backend, unusable
 
-	mu sync.Mutex // guards local and peers
+	mu sync.Mutex // guards local, peers and gen
 	// local is our own lease (nil until SetLocal): never programmed.
 	local *lease.Lease
 	// peers holds every other lease by key, whatever its backend: plan
 	// decides what each gets.
-	peers map[string]lease.Lease
+	peers map[string]peer
+	// gen counts the changes of local and peers, so a plan knows whether
+	// it is still current.
+	gen uint64
 
-	// Touched only by the route reconciler's goroutine (through
-	// desiredRoutes):
+	// Touched only by the goroutine that runs group (through the desired
+	// state functions):
+	// planned is the last plan, indexed; reused while current.
+	planned *planned
 	// reported holds the peer problems logged so far, so each is logged
 	// once when it appears and once when it goes.
 	reported map[string]problem
 	// direct holds the subnets routed directly at the last route sync.
 	direct []netip.Prefix
+}
+
+// planned is the desired state for one version of the peers and of the
+// world, indexed for the reconcilers.
+type planned struct {
+	gen      uint64
+	w        world
+	d        desired
+	neighs   *reconcile.State[neigh.Key, neigh.Neigh]
+	fdbs     *reconcile.State[fdb.Key, fdb.Entry]
+	routes   *reconcile.State[routes.Key, routes.Route]
+	reported bool // its problems have been reported
 }
 
 var _ backend.Network = (*Network)(nil)
@@ -231,8 +256,9 @@ func New(cfg Config) (*Network, error) {
 		cfg:      cfg,
 		opts:     opts,
 		log:      cfg.Logger.With("backend", Type),
-		peers:    make(map[string]lease.Lease),
+		peers:    make(map[string]peer),
 		reported: make(map[string]problem),
+		group:    reconcile.NewGroup(0),
 	}
 	if n.fams, err = families(cfg, opts, n.log); err != nil {
 		return nil, fmt.Errorf("vxlan: %w", err)
@@ -247,19 +273,19 @@ func New(cfg Config) (*Network, error) {
 		return nil, fmt.Errorf("vxlan: %w", err)
 	}
 
-	mk := func(name string, settle time.Duration) reconcile.Config {
-		return reconcile.Config{Name: name, Resync: cfg.Resync, Settle: settle, Logger: n.log}
+	mk := func(name string) reconcile.Config {
+		return reconcile.Config{Name: name, Resync: cfg.Resync, Group: n.group, Logger: n.log}
 	}
-	if n.link, err = reconcile.New[string, links.Device](mk("link", 0)); err != nil {
+	if n.link, err = reconcile.New[string, links.Device](mk("link")); err != nil {
 		return nil, fmt.Errorf("vxlan: %w", err)
 	}
-	if n.neigh, err = reconcile.New[neigh.Key, neigh.Neigh](mk("neigh", 0)); err != nil {
+	if n.neigh, err = reconcile.New[neigh.Key, neigh.Neigh](mk("neigh")); err != nil {
 		return nil, fmt.Errorf("vxlan: %w", err)
 	}
-	if n.fdb, err = reconcile.New[fdb.Key, fdb.Entry](mk("fdb", 0)); err != nil {
+	if n.fdb, err = reconcile.New[fdb.Key, fdb.Entry](mk("fdb")); err != nil {
 		return nil, fmt.Errorf("vxlan: %w", err)
 	}
-	if n.route, err = reconcile.New[routes.Key, routes.Route](mk("route", routeSettle)); err != nil {
+	if n.route, err = reconcile.New[routes.Key, routes.Route](mk("route")); err != nil {
 		return nil, fmt.Errorf("vxlan: %w", err)
 	}
 
@@ -392,21 +418,34 @@ func (n *Network) SetLocal(own lease.Lease) {
 	n.mu.Lock()
 	n.local = &own
 	delete(n.peers, own.Key())
+	n.gen++
 	n.mu.Unlock()
-	n.link.TriggerFull()
-	n.neigh.TriggerFull()
-	n.fdb.TriggerFull()
-	n.route.TriggerFull()
+	n.group.Batch(func() {
+		n.link.TriggerFull()
+		n.neigh.TriggerFull()
+		n.fdb.TriggerFull()
+		n.route.TriggerFull()
+	})
 }
 
 // Handle applies a batch of peer events to the cache and asks for a sync of
-// exactly the neighbours, FDB entries and routes of the peers involved.
+// exactly the neighbours, FDB entries and routes of the peers involved, in
+// one pass.
 func (n *Network) Handle(events []lease.Event) {
+	// Decode the backend data before taking the lock: a list at start
+	// brings thousands of leases.
+	ps := make([]peer, len(events))
+	for i, ev := range events {
+		if ev.Type == lease.Added {
+			ps[i] = newPeer(ev.Lease.Key(), ev.Lease)
+		} else {
+			ps[i].key = ev.Lease.Key()
+		}
+	}
 	var ks keys
 	n.mu.Lock()
-	for _, ev := range events {
-		l := ev.Lease
-		id := l.Key()
+	for i, ev := range events {
+		l, id := ev.Lease, ps[i].key
 		if n.local != nil && isSelf(*n.local, l) {
 			continue
 		}
@@ -415,18 +454,21 @@ func (n *Network) Handle(events []lease.Event) {
 		}
 		switch ev.Type {
 		case lease.Added:
-			n.peers[id] = l
-			ks.add(n.fams, l)
+			n.peers[id] = ps[i]
+			ks.add(n.fams, ps[i])
 		case lease.Removed:
 			delete(n.peers, id)
 		default:
 			n.log.Error("ignoring a lease event of unknown type", "type", ev.Type, "subnet", id)
 		}
 	}
+	n.gen++
 	n.mu.Unlock()
-	n.neigh.Trigger(ks.neigh...)
-	n.fdb.Trigger(ks.fdb...)
-	n.route.Trigger(ks.route...)
+	n.group.Batch(func() {
+		n.neigh.Trigger(ks.neigh...)
+		n.fdb.Trigger(ks.fdb...)
+		n.route.Trigger(ks.route...)
+	})
 }
 
 // keys are the reconcile keys a set of leases can give rise to.
@@ -436,15 +478,15 @@ type keys struct {
 	route []routes.Key
 }
 
-func (ks *keys) add(fams []family, l lease.Lease) {
+func (ks *keys) add(fams []family, p peer) {
 	for _, f := range fams {
-		lg := legOf(l, f.v6)
+		lg := legOf(p.l, f.v6)
 		if !lg.subnet.IsValid() {
 			continue
 		}
 		ks.neigh = append(ks.neigh, neigh.Key{Dev: f.dev, IP: lg.subnet.Addr()})
-		if d, err := decodeData(lg.data); err == nil {
-			ks.fdb = append(ks.fdb, fdb.Entry{Dev: f.dev, MAC: d.mac}.Key())
+		if d := p.data(f.v6); d.err == nil {
+			ks.fdb = append(ks.fdb, fdb.KeyOf(f.dev, d.mac))
 		}
 		ks.route = append(ks.route, routes.Route{Dst: lg.subnet}.Key())
 	}
@@ -466,14 +508,14 @@ func (n *Network) Run(ctx context.Context) error {
 		return fmt.Errorf("vxlan: %w", err)
 	}
 	defer closeNS()
-	var hs [4]*netlink.Handle // one per reconciler: a handle is not safe for concurrent use
-	for i := range hs {
-		if hs[i], err = netlink.NewHandleAt(nsh, unix.NETLINK_ROUTE); err != nil {
-			return fmt.Errorf("vxlan: netlink handle: %w", err)
-		}
-		defer hs[i].Close()
+	// One handle: the four reconcilers take turns on one goroutine (a
+	// handle is not safe for concurrent use; the event watchers have
+	// sockets of their own).
+	h, err := netlink.NewHandleAt(nsh, unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("vxlan: netlink handle: %w", err)
 	}
-	hLink, hNeigh, hFDB, hRoute := hs[0], hs[1], hs[2], hs[3]
+	defer h.Close()
 
 	var devs []string
 	for _, f := range n.fams {
@@ -482,21 +524,21 @@ func (n *Network) Run(ctx context.Context) error {
 	// Both device names of this VNI are loom's, so a device of a family
 	// that has been disabled since it was made is removed.
 	owned := []string{DeviceName(n.opts.VNI, false), DeviceName(n.opts.VNI, true)}
-	lk, err := links.NewKind(links.Config{Handle: hLink, NetNSPath: n.cfg.NetNSPath, Logger: n.log,
+	lk, err := links.NewKind(links.Config{Handle: h, NetNSPath: n.cfg.NetNSPath, Logger: n.log,
 		Owns: func(name string) bool { return slices.Contains(owned, name) }})
 	if err != nil {
 		return fmt.Errorf("vxlan: %w", err)
 	}
 	defer lk.Close()
-	nk, err := neigh.NewKind(neigh.Config{Handle: hNeigh, NetNSPath: n.cfg.NetNSPath, Devices: devs, Logger: n.log})
+	nk, err := neigh.NewKind(neigh.Config{Handle: h, NetNSPath: n.cfg.NetNSPath, Devices: devs, Logger: n.log})
 	if err != nil {
 		return fmt.Errorf("vxlan: %w", err)
 	}
-	fk, err := fdb.NewKind(fdb.Config{Handle: hFDB, NetNSPath: n.cfg.NetNSPath, Devices: devs, Logger: n.log})
+	fk, err := fdb.NewKind(fdb.Config{Handle: h, NetNSPath: n.cfg.NetNSPath, Devices: devs, Logger: n.log})
 	if err != nil {
 		return fmt.Errorf("vxlan: %w", err)
 	}
-	rk, err := routes.NewKind(routes.Config{Handle: hRoute, NetNSPath: n.cfg.NetNSPath,
+	rk, err := routes.NewKind(routes.Config{Handle: h, NetNSPath: n.cfg.NetNSPath,
 		UnderlayLink: n.cfg.ExtLinkIndex, Logger: n.log})
 	if err != nil {
 		return fmt.Errorf("vxlan: %w", err)
@@ -504,24 +546,31 @@ func (n *Network) Run(ctx context.Context) error {
 
 	n.log.Info("programming the VXLAN overlay", "vni", n.opts.VNI, "port", n.opts.Port, "devices", devs,
 		"direct_routing", n.opts.DirectRouting, "mtu", n.MTU(), "namespace", n.cfg.NetNSPath)
-	g := newGroup(ctx)
-	g.start(func(ctx context.Context) error {
-		return n.link.Run(ctx, replayingLinks{Kind: lk, replay: n.replay}, n.desiredLinks)
-	})
-	if g.until(n.link.Ready) {
-		g.start(func(ctx context.Context) error {
-			return n.neigh.Run(ctx, nk, func() ([]neigh.Neigh, error) { return n.desiredNeighs(hNeigh) })
-		})
-		g.start(func(ctx context.Context) error {
-			return n.fdb.Run(ctx, fk, func() ([]fdb.Entry, error) { return n.desiredFDB(hFDB) })
-		})
-		if g.until(func() bool { return n.neigh.Ready() && n.fdb.Ready() }) {
-			g.start(func(ctx context.Context) error {
-				return n.route.Run(ctx, rk, func() ([]routes.Route, error) { return n.desiredRoutes(hRoute) })
-			})
-		}
-	}
-	if err := g.wait(); err != nil {
+	err = n.group.Run(ctx,
+		n.link.Stage(replayingLinks{Kind: lk, replay: n.replay}, func() (*reconcile.State[string, links.Device], error) {
+			ds, err := n.desiredLinks()
+			if err != nil {
+				return nil, err
+			}
+			return reconcile.NewState(lk.Key, ds), nil
+		}),
+		n.neigh.Stage(nk, func() (*reconcile.State[neigh.Key, neigh.Neigh], error) {
+			p, err := n.current(h)
+			if err != nil {
+				return nil, err
+			}
+			return p.neighs, nil
+		}),
+		n.fdb.Stage(fk, func() (*reconcile.State[fdb.Key, fdb.Entry], error) {
+			p, err := n.current(h)
+			if err != nil {
+				return nil, err
+			}
+			return p.fdbs, nil
+		}),
+		n.route.Stage(rk, func() (*reconcile.State[routes.Key, routes.Route], error) { return n.desiredRoutes(h) }),
+	)
+	if err != nil {
 		return fmt.Errorf("vxlan: %w", err)
 	}
 	return nil
@@ -557,78 +606,19 @@ func (k replayingLinks) Update(d links.Device) error {
 	return err
 }
 
-// group runs reconcilers until the context ends or one fails.
-type group struct {
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-
-	mu  sync.Mutex // guards err
-	err error      // the first failure
-}
-
-func newGroup(ctx context.Context) *group {
-	g := &group{}
-	g.ctx, g.cancel = context.WithCancel(ctx)
-	return g
-}
-
-func (g *group) start(run func(context.Context) error) {
-	g.wg.Add(1)
-	go func() {
-		defer g.wg.Done()
-		if err := run(g.ctx); err != nil {
-			g.mu.Lock()
-			if g.err == nil {
-				g.err = err
-			}
-			g.mu.Unlock()
-			g.cancel()
-		}
-	}()
-}
-
-// until waits for cond; false means the group is ending.
-func (g *group) until(cond func() bool) bool {
-	t := time.NewTicker(20 * time.Millisecond)
-	defer t.Stop()
-	for !cond() {
-		select {
-		case <-g.ctx.Done():
-			return false
-		case <-t.C:
-		}
-	}
-	return true
-}
-
-// wait returns when the context has ended and every reconciler returned.
-func (g *group) wait() error {
-	<-g.ctx.Done()
-	g.wg.Wait()
-	g.cancel()
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.err
-}
-
-// snapshot returns our lease and the peers, or an error before SetLocal.
-func (n *Network) snapshot() (lease.Lease, []lease.Lease, error) {
+// localLease returns our lease, or an error before SetLocal.
+func (n *Network) localLease() (lease.Lease, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.local == nil {
-		return lease.Lease{}, nil, errors.New("own lease not set: the agent calls SetLocal before Run")
+		return lease.Lease{}, errors.New("own lease not set: the agent calls SetLocal before Run")
 	}
-	peers := make([]lease.Lease, 0, len(n.peers))
-	for _, p := range n.peers {
-		peers = append(peers, p)
-	}
-	return *n.local, peers, nil
+	return *n.local, nil
 }
 
 // desiredLinks computes this node's devices.
 func (n *Network) desiredLinks() ([]links.Device, error) {
-	local, _, err := n.snapshot()
+	local, err := n.localLease()
 	if err != nil {
 		return nil, err
 	}
@@ -723,43 +713,57 @@ func (n *Network) world(h *netlink.Handle) (world, error) {
 	return w, nil
 }
 
-func (n *Network) plan(h *netlink.Handle) (desired, error) {
+// current returns the plan for the peers and the world as they are now:
+// the last one if neither changed since, else a new one.
+func (n *Network) current(h *netlink.Handle) (*planned, error) {
 	w, err := n.world(h)
-	if err != nil {
-		return desired{}, err
-	}
-	local, peers, err := n.snapshot()
-	if err != nil {
-		return desired{}, err
-	}
-	return plan(local, peers, w), nil
-}
-
-func (n *Network) desiredNeighs(h *netlink.Handle) ([]neigh.Neigh, error) {
-	d, err := n.plan(h)
-	return d.neighs, err
-}
-
-func (n *Network) desiredFDB(h *netlink.Handle) ([]fdb.Entry, error) {
-	d, err := n.plan(h)
-	return d.fdbs, err
-}
-
-// desiredRoutes computes the routes, reports peer problems, and when the
-// set of directly routed subnets changed (an underlay address came or went),
-// asks for a full sync of neighbours and FDB entries, which follow it.
-func (n *Network) desiredRoutes(h *netlink.Handle) ([]routes.Route, error) {
-	d, err := n.plan(h)
 	if err != nil {
 		return nil, err
 	}
-	n.report(d)
-	if !slices.Equal(d.direct, n.direct) {
-		n.direct = d.direct
+	n.mu.Lock()
+	if n.local == nil {
+		n.mu.Unlock()
+		return nil, errors.New("own lease not set: the agent calls SetLocal before Run")
+	}
+	if p := n.planned; p != nil && p.gen == n.gen && p.w.equal(w) {
+		n.mu.Unlock()
+		return p, nil
+	}
+	gen, local := n.gen, *n.local
+	peers := make([]peer, 0, len(n.peers))
+	for _, p := range n.peers {
+		peers = append(peers, p)
+	}
+	n.mu.Unlock()
+
+	d := planPeers(local, peers, w)
+	n.planned = &planned{gen: gen, w: w, d: d,
+		neighs: reconcile.NewState(neigh.Neigh.Key, d.neighs),
+		fdbs:   reconcile.NewState(fdb.Entry.Key, d.fdbs),
+		routes: reconcile.NewState(routes.Route.Key, d.routes),
+	}
+	return n.planned, nil
+}
+
+// desiredRoutes returns the routes, reports peer problems of a new plan,
+// and when the set of directly routed subnets changed (an underlay address
+// came or went), asks for a full sync of neighbours and FDB entries, which
+// follow it.
+func (n *Network) desiredRoutes(h *netlink.Handle) (*reconcile.State[routes.Key, routes.Route], error) {
+	p, err := n.current(h)
+	if err != nil {
+		return nil, err
+	}
+	if !p.reported {
+		n.report(p.d)
+		p.reported = true
+	}
+	if !slices.Equal(p.d.direct, n.direct) {
+		n.direct = p.d.direct
 		n.neigh.TriggerFull()
 		n.fdb.TriggerFull()
 	}
-	return d.routes, nil
+	return p.routes, nil
 }
 
 // report logs problems that appeared or changed since the last sync, and
