@@ -52,6 +52,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseConf$$' -fuzztime 400000x ./internal/cni/
 	$(GO) test -run '^$$' -fuzz '^FuzzEnv$$' -fuzztime 20000x ./internal/cni/
 	$(GO) test -run '^$$' -fuzz '^FuzzGuard$$' -fuzztime 40000x ./internal/registry/
+	$(GO) test -run '^$$' -fuzz '^FuzzGuardMatchesReference$$' -fuzztime 20000x ./internal/registry/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseOptions$$' -fuzztime 100000x ./internal/backend/vxlan/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseOptions$$' -fuzztime 100000x ./internal/backend/udp/
 	$(GO) test -run '^$$' -fuzz '^FuzzCoalesce$$' -fuzztime 1000000x ./internal/backend/udp/tun/
