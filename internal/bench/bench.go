@@ -49,6 +49,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -288,6 +289,38 @@ func (b *bencher) waitIdle(ctx context.Context, what, backend string) float64 {
 }
 
 // pod returns the first pod of node.
+// benchPath is one client→server path a data-path measurement runs over.
+type benchPath struct {
+	path, serverNS, clientNS string
+	server                   netip.Addr
+}
+
+// crossNodePaths are the paths every data-path measurement compares:
+// pod→pod across nodes (n1-p1 → n2-p1) and its baseline, node→node on the
+// underlay (n1 → n2).
+func crossNodePaths(l *lab.Lab) ([]benchPath, error) {
+	p1, err := pod(l, "n1")
+	if err != nil {
+		return nil, err
+	}
+	p2, err := pod(l, "n2")
+	if err != nil {
+		return nil, err
+	}
+	n1, err := l.Node("n1")
+	if err != nil {
+		return nil, err
+	}
+	n2, err := l.Node("n2")
+	if err != nil {
+		return nil, err
+	}
+	return []benchPath{
+		{"pod-pod", p2.NS, p1.NS, p2.IP},
+		{"underlay", n2.NS, n1.NS, n2.Underlay.Addr()},
+	}, nil
+}
+
 func pod(l *lab.Lab, node string) (lab.Pod, error) {
 	n, err := l.Node(node)
 	if err != nil {

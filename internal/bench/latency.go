@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 )
 
 func latencySpec(crr bool, path string) spec {
@@ -22,29 +21,9 @@ func latencySpec(crr bool, path string) spec {
 // latency measures TCP_RR and TCP_CRR style rates pod→pod across nodes
 // (n1-p1 → n2-p1) and node→node on the underlay, runs interleaved.
 func (b *bencher) latency(ctx context.Context, c *cluster, idle float64) error {
-	l := c.lab
-	p1, err := pod(l, "n1")
+	paths, err := crossNodePaths(c.lab)
 	if err != nil {
 		return err
-	}
-	p2, err := pod(l, "n2")
-	if err != nil {
-		return err
-	}
-	n1, err := l.Node("n1")
-	if err != nil {
-		return err
-	}
-	n2, err := l.Node("n2")
-	if err != nil {
-		return err
-	}
-	paths := []struct {
-		path, serverNS, clientNS string
-		server                   netip.Addr
-	}{
-		{"pod-pod", p2.NS, p1.NS, p2.IP},
-		{"underlay", n2.NS, n1.NS, n2.Underlay.Addr()},
 	}
 	failed := map[string]error{}
 	for _, crr := range []bool{false, true} {

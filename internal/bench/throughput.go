@@ -38,19 +38,7 @@ func throughputSpec(streams int, path string) spec {
 // bare veth pair, runs of the three interleaved.
 func (b *bencher) throughput(ctx context.Context, c *cluster, idle float64) error {
 	l := c.lab
-	p1, err := pod(l, "n1")
-	if err != nil {
-		return err
-	}
-	p2, err := pod(l, "n2")
-	if err != nil {
-		return err
-	}
-	n1, err := l.Node("n1")
-	if err != nil {
-		return err
-	}
-	n2, err := l.Node("n2")
+	paths, err := crossNodePaths(l)
 	if err != nil {
 		return err
 	}
@@ -63,14 +51,7 @@ func (b *bencher) throughput(ctx context.Context, c *cluster, idle float64) erro
 		_ = netns.Delete(vb)
 	}()
 	_, vbAddr := vethAddrs()
-	paths := []struct {
-		path, serverNS, clientNS string
-		server                   netip.Addr
-	}{
-		{"pod-pod", p2.NS, p1.NS, p2.IP},
-		{"underlay", n2.NS, n1.NS, n2.Underlay.Addr()},
-		{"veth", vb, va, vbAddr.Addr()},
-	}
+	paths = append(paths, benchPath{"veth", vb, va, vbAddr.Addr()})
 	failed := map[string]error{}
 	for _, streams := range []int{1, 4} {
 		for run := range b.cfg.Runs {
