@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/loomnet/loom/internal/netns"
 	"github.com/loomnet/loom/internal/subnetenv"
@@ -419,7 +420,94 @@ func (l *Lab) missingRoutes() ([]string, error) {
 			}
 		}
 	}
+	if l.Opts.Backend == "vxlan" {
+		stale, err := l.staleVTEPs(subnets)
+		if err != nil {
+			return nil, err
+		}
+		missing = append(missing, stale...)
+	}
 	return missing, nil
+}
+
+// vtep is what a node's flannel.1 says about itself.
+type vtep struct {
+	local netip.Addr
+	mac   string
+}
+
+// staleVTEPs lists the peers whose neighbour or FDB entry does not match the
+// peer's flannel.1 as it is now. A route alone is not convergence: after an
+// agent restarts on another interface (a new public IP), its peers keep the
+// route and must still move the FDB entry to the new address, and traffic
+// sent before that goes to the old one.
+func (l *Lab) staleVTEPs(subnets map[string]netip.Prefix) ([]string, error) {
+	vteps := map[string]vtep{}
+	for _, n := range l.Nodes {
+		h, err := openHandle(n.NS)
+		if err != nil {
+			return nil, err
+		}
+		link, err := h.LinkByName("flannel.1")
+		h.Close()
+		if err != nil {
+			return []string{fmt.Sprintf("%s has no flannel.1: %v", n.Name, err)}, nil
+		}
+		vx, ok := link.(*netlink.Vxlan)
+		if !ok {
+			return nil, fmt.Errorf("%s: flannel.1 is a %s, not vxlan", n.Name, link.Type())
+		}
+		local, _ := netip.AddrFromSlice(vx.SrcAddr)
+		vteps[n.Name] = vtep{local: local.Unmap(), mac: vx.HardwareAddr.String()}
+	}
+	var stale []string
+	for _, n := range l.Nodes {
+		h, err := openHandle(n.NS)
+		if err != nil {
+			return nil, err
+		}
+		link, err := h.LinkByName("flannel.1")
+		if err != nil {
+			h.Close()
+			return []string{fmt.Sprintf("%s has no flannel.1: %v", n.Name, err)}, nil
+		}
+		fdb, err := h.NeighList(link.Attrs().Index, unix.AF_BRIDGE)
+		if err != nil {
+			h.Close()
+			return nil, fmt.Errorf("FDB of %s: %w", n.Name, err)
+		}
+		neigh, err := h.NeighList(link.Attrs().Index, netlink.FAMILY_V4)
+		h.Close()
+		if err != nil {
+			return nil, fmt.Errorf("neighbours of %s: %w", n.Name, err)
+		}
+		dst := map[string]netip.Addr{}
+		for _, e := range fdb {
+			if a, ok := netip.AddrFromSlice(e.IP); ok {
+				dst[e.HardwareAddr.String()] = a.Unmap()
+			}
+		}
+		macOf := map[netip.Addr]string{}
+		for _, e := range neigh {
+			if a, ok := netip.AddrFromSlice(e.IP); ok {
+				macOf[a.Unmap()] = e.HardwareAddr.String()
+			}
+		}
+		for _, m := range l.Nodes {
+			if m.Name == n.Name {
+				continue
+			}
+			want := vteps[m.Name]
+			if got := dst[want.mac]; got != want.local {
+				stale = append(stale, fmt.Sprintf("%s's FDB sends %s's VTEP %s to %v, want %s", n.Name, m.Name, want.mac, got, want.local))
+			}
+			gw := subnets[m.Name].Addr()
+			if got := macOf[gw]; got != want.mac {
+				stale = append(stale, fmt.Sprintf("%s's neighbour %s (%s) is %q, want %s", n.Name, gw, m.Name, got, want.mac))
+			}
+		}
+	}
+	return stale, nil
 }
 
 // overrideFlags applies "--flag", "value" pairs to args ("agent" followed
