@@ -8,12 +8,15 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/loomnet/loom/internal/bench"
 )
 
-const benchUsage = `usage: loom bench [--backend all|vxlan|udp|host-gw] [--json FILE] [--quick] [--runs N] [--name bench] [--bin-dir DIR]
+const benchUsage = `usage: loom bench [--backend all|vxlan|udp|host-gw] [--json FILE] [--quick] [--runs N]
+                  [--only GROUP,...] [--scale-peers N,...] [--name bench] [--bin-dir DIR]
 
 Builds a lab per backend, measures throughput, latency, convergence,
 control-plane scale, pod set-up and agent cost next to baselines measured in
@@ -35,8 +38,29 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	runs := fs.Int("runs", 0, "repeat each measurement this many times (default 3, with --quick 1)")
 	name := fs.String("name", bench.DefaultLabName, "name of the lab the bench builds (and tears down)")
 	binDir := fs.String("bin-dir", "", "directory holding loom and loom-cni (default: this binary's)")
+	only := fs.String("only", "", "run only these groups of measurements, comma-separated: "+strings.Join(bench.Groups(), ", ")+" (default all)")
+	scalePeers := fs.String("scale-peers", "", "synthetic peer counts of the scale group, comma-separated (default 100,1000,5000; with --quick 100)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	var groups []string
+	if *only != "" {
+		groups = strings.Split(*only, ",")
+		for _, g := range groups {
+			if !slices.Contains(bench.Groups(), g) {
+				return fmt.Errorf("--only %q: %q is not a group; use some of %s", *only, g, strings.Join(bench.Groups(), ","))
+			}
+		}
+	}
+	var peers []int
+	if *scalePeers != "" {
+		for _, f := range strings.Split(*scalePeers, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || n < 1 {
+				return fmt.Errorf("--scale-peers %q: %q is not a positive number of peers; use e.g. --scale-peers 100,1000,5000", *scalePeers, f)
+			}
+			peers = append(peers, n)
+		}
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("bench: unexpected argument %q", fs.Arg(0))
@@ -56,13 +80,15 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		cmd += " " + strings.Join(args, " ")
 	}
 	rep, err := bench.Run(ctx, bench.Config{
-		Backends: backends,
-		Quick:    *quick,
-		Runs:     *runs,
-		LabName:  *name,
-		BinDir:   *binDir,
-		Command:  cmd,
-		Logger:   slog.New(slog.NewTextHandler(stderr, nil)),
+		Backends:   backends,
+		Quick:      *quick,
+		Runs:       *runs,
+		Groups:     groups,
+		ScalePeers: peers,
+		LabName:    *name,
+		BinDir:     *binDir,
+		Command:    cmd,
+		Logger:     slog.New(slog.NewTextHandler(stderr, nil)),
 	})
 	if rep == nil {
 		return err
