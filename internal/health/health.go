@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"strings"
 	"sync"
 	"time"
@@ -108,6 +109,10 @@ type Config struct {
 	CheckTimeout time.Duration
 	// Logger; nil means slog.Default().
 	Logger *slog.Logger
+	// Profiling serves Go's runtime profiles under /debug/pprof/. Off by
+	// default: a CPU profile costs the node CPU, and a heap profile shows
+	// the agent's internals to whoever reaches the port.
+	Profiling bool
 }
 
 // Handler returns the HTTP handler for the endpoints.
@@ -122,6 +127,13 @@ func Handler(cfg Config) http.Handler {
 		cfg.Logger = slog.Default()
 	}
 	mux := http.NewServeMux()
+	if cfg.Profiling {
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintln(w, "ok")

@@ -162,3 +162,26 @@ func TestServeBindErrors(t *testing.T) {
 		t.Errorf("Serve on 127.0.0.1:0 until its context ends: %v", err)
 	}
 }
+
+// Profiles are served only when asked for: a heap profile is how an
+// operator explains the agent's memory, and not something to expose by
+// default.
+func TestProfiling(t *testing.T) {
+	for _, path := range []string{"/debug/pprof/", "/debug/pprof/heap", "/debug/pprof/goroutine?debug=1"} {
+		if code, _ := get(t, Handler(Config{}), path); code != http.StatusNotFound {
+			t.Errorf("%s without Profiling: %d, want 404", path, code)
+		}
+	}
+	h := Handler(Config{Profiling: true})
+	code, body := get(t, h, "/debug/pprof/heap")
+	if code != http.StatusOK || !strings.HasPrefix(body, "\x1f\x8b") {
+		t.Errorf("/debug/pprof/heap with Profiling: %d, %d bytes, want 200 with a gzipped profile", code, len(body))
+	}
+	code, body = get(t, h, "/debug/pprof/goroutine?debug=1")
+	if code != http.StatusOK || !strings.Contains(body, "TestProfiling") {
+		t.Errorf("/debug/pprof/goroutine?debug=1 with Profiling: %d, want 200 naming this test's goroutine:\n%.300s", code, body)
+	}
+	if code, _ := get(t, h, "/healthz"); code != http.StatusOK {
+		t.Errorf("/healthz with Profiling: %d, want 200", code)
+	}
+}

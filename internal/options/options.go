@@ -102,6 +102,10 @@ type Options struct {
 	LogLevel slog.Level
 	Firewall string // -firewall: "", auto, nftables or iptables ("" = decided by the network config)
 	Cleanup  bool   // -cleanup: remove loom's firewall rules and exit
+	// Profiling serves /debug/pprof/ on the health server: heap and CPU
+	// profiles of a running agent are how its memory and start-up costs
+	// are explained (issue #8).
+	Profiling bool
 	// SubnetLeaseTTL is the etcd TTL of the node's subnet lease (-subnet-
 	// lease-ttl, default 24 h as in flannel). Keep-alive renews it at a
 	// third of the TTL; a node cut off from the store for longer loses it.
@@ -157,6 +161,7 @@ const (
 	flagLogLevel           = "log-level"
 	flagFirewall           = "firewall"
 	flagCleanup            = "cleanup"
+	flagProfiling          = "profiling"
 	flagSubnetLeaseTTL     = "subnet-lease-ttl"
 )
 
@@ -236,6 +241,7 @@ func defs() []def {
 		{name: flagLogLevel, loom: true, value: "info", usage: "log `level`: debug, info, warn or error"},
 		{name: flagFirewall, loom: true, usage: "firewall `mode`: auto, nftables or iptables (default: nftables when the network config sets EnableNFTables, else auto)"},
 		{name: flagCleanup, loom: true, bool: true, usage: "remove the masquerade and forward rules loom installed, then exit"},
+		{name: flagProfiling, loom: true, bool: true, usage: "serve Go's profiles (/debug/pprof/) on the health server, as kube-proxy's --profiling"},
 		{name: flagSubnetLeaseTTL, loom: true, value: "24h", usage: "etcd TTL of the subnet lease (`duration`, at least 2s); keep-alive renews it, a node cut off from the store for longer loses its subnet"},
 	}
 }
@@ -449,11 +455,12 @@ func (c *converter) options(getenv func(string) string) Options {
 		PodName:      getenv(envPodName),
 		PodNamespace: getenv(envPodNamespace),
 
-		StateDir: c.absPath(flagStateDir),
-		Resync:   c.duration(flagResync),
-		LogLevel: c.logLevel(flagLogLevel),
-		Firewall: c.oneOf(flagFirewall, "", "auto", "nftables", "iptables"),
-		Cleanup:  c.boolean(flagCleanup),
+		StateDir:  c.absPath(flagStateDir),
+		Resync:    c.duration(flagResync),
+		LogLevel:  c.logLevel(flagLogLevel),
+		Firewall:  c.oneOf(flagFirewall, "", "auto", "nftables", "iptables"),
+		Cleanup:   c.boolean(flagCleanup),
+		Profiling: c.boolean(flagProfiling),
 
 		SubnetLeaseTTL: c.duration(flagSubnetLeaseTTL),
 	}
