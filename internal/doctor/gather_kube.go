@@ -2,7 +2,6 @@ package doctor
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -13,8 +12,8 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
+	"github.com/loomnet/loom/internal/kubeclient"
 	"github.com/loomnet/loom/internal/kubesubnet"
 	"github.com/loomnet/loom/internal/lease"
 	"github.com/loomnet/loom/internal/netconf"
@@ -22,11 +21,12 @@ import (
 )
 
 // Kubernetes mode (-kube-subnet-mgr): the registry is the API server. Doctor
-// reaches it exactly as the agent does (kubesubnet.NewClient with the
-// agent's -kubeconfig-file and -kube-api-url, else the in-cluster config)
-// and sends GET and LIST requests only: the server's version, this node's
-// Node, and the Nodes in pages. It starts no informer and watches nothing,
-// so a user allowed only to get and list nodes can run it.
+// reaches it exactly as the agent does (kubeclient.New with the agent's
+// -kubeconfig-file and -kube-api-url, else the in-cluster config) and sends
+// GET and LIST requests only, each bounded by --timeout: the server's
+// version, this node's Node, and the Nodes in pages. It starts no informer
+// and watches nothing, so a user allowed only to get and list nodes can run
+// it.
 
 // listPage is how many Nodes one LIST returns; a 5,000-node cluster is ten
 // requests.
@@ -48,7 +48,7 @@ func gatherKube(ctx context.Context, cfg Config, netCfg *netconf.Config, nodeGiv
 	if nodeGiven {
 		k.NodeFrom = "doctor's --node"
 	}
-	client, err := kubesubnet.NewClient(kubesubnet.ClientConfig{
+	client, err := kubeclient.New(kubeclient.Config{
 		KubeconfigFile: o.KubeconfigFile,
 		APIURL:         o.KubeAPIURL,
 		RequestTimeout: cfg.Timeout,
@@ -61,7 +61,6 @@ func gatherKube(ctx context.Context, cfg Config, netCfg *netconf.Config, nodeGiv
 	}
 	defer client.Close()
 	k.Server = client.Server()
-	cs := client.Clientset()
 
 	if !nodeGiven && o.NodeNameFromHostname && o.PodName != "" && o.PodNamespace != "" {
 		// kube-flannel.yml gives the agent its pod's name, not the node's.
@@ -78,18 +77,17 @@ func gatherKube(ctx context.Context, cfg Config, netCfg *netconf.Config, nodeGiv
 		own   *v1.Node
 		nodes []v1.Node
 	)
-	wg.Go(func() { k.Version = serverVersion(ctx, cs, cfg.Timeout) })
+	// The version is decoration: a server that does not say is no fault.
+	wg.Go(func() { k.Version, _ = client.ServerVersion(ctx) })
 	if k.NodeErr == nil {
 		wg.Go(func() {
-			rctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
-			defer cancel()
-			own, k.NodeErr = cs.CoreV1().Nodes().Get(rctx, node, metav1.GetOptions{})
+			own, k.NodeErr = client.Nodes().Get(ctx, node)
 			if k.NodeErr != nil {
 				k.NodeErr = fmt.Errorf("get Node %s: %w", node, k.NodeErr)
 			}
 		})
 	}
-	wg.Go(func() { nodes, k.Err = listNodes(ctx, cs, cfg.Timeout) })
+	wg.Go(func() { nodes, k.Err = listNodes(ctx, client.Nodes()) })
 	wg.Wait()
 	k.Took = time.Since(start)
 	if k.Err != nil {
@@ -123,13 +121,11 @@ func kubeVia(o options.Options) string {
 }
 
 // listNodes lists every Node, a page at a time, each page bounded.
-func listNodes(ctx context.Context, cs kubernetes.Interface, timeout time.Duration) ([]v1.Node, error) {
+func listNodes(ctx context.Context, api kubeclient.Nodes) ([]v1.Node, error) {
 	var out []v1.Node
 	opts := metav1.ListOptions{Limit: listPage}
 	for {
-		rctx, cancel := context.WithTimeout(ctx, timeout)
-		list, err := cs.CoreV1().Nodes().List(rctx, opts)
-		cancel()
+		list, err := api.List(ctx, opts)
 		if err != nil {
 			return nil, fmt.Errorf("list Nodes: %w", err)
 		}
@@ -139,27 +135,6 @@ func listNodes(ctx context.Context, cs kubernetes.Interface, timeout time.Durati
 		}
 		opts.Continue = list.Continue
 	}
-}
-
-// serverVersion is the API server's gitVersion, "" when it does not say.
-func serverVersion(ctx context.Context, cs kubernetes.Interface, timeout time.Duration) string {
-	rc := cs.Discovery().RESTClient()
-	if rc == nil {
-		return ""
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	raw, err := rc.Get().AbsPath("/version").Do(ctx).Raw()
-	if err != nil {
-		return ""
-	}
-	var v struct {
-		GitVersion string `json:"gitVersion"`
-	}
-	if json.Unmarshal(raw, &v) != nil {
-		return ""
-	}
-	return v.GitVersion
 }
 
 // readKubeNode keeps what doctor judges of a Node.

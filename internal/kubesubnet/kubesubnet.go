@@ -39,8 +39,9 @@
 //     loopback public-ip, an overlapping podCIDR or backend-data that is
 //     not JSON is skipped and counted, never routed to, never a crash.
 //
-// The Client (connection and shared informer factory) is separate from the
-// Manager so the Service proxy and DNS can share it later.
+// The Client (kubeclient: the connection and its shared informers) is
+// separate from the Manager so the Service proxy and DNS can share it
+// later.
 package kubesubnet
 
 import (
@@ -57,11 +58,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	v1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/loomnet/loom/internal/kubeclient"
 	"github.com/loomnet/loom/internal/lease"
 	"github.com/loomnet/loom/internal/netconf"
 	"github.com/loomnet/loom/internal/registry"
@@ -76,8 +77,12 @@ const DefaultWaitLogEvery = 10 * time.Second
 
 // Config says which node this is and what network it is in.
 type Config struct {
-	Client   *Client // required
-	NodeName string  // required: the Node's name
+	Client *Client // required: the connection and its shared informers
+	// Nodes, when set, answers the manager's requests instead of
+	// Client.Nodes(): unit tests pass a fake here. The Node informer comes
+	// from Client either way, listing and watching through Nodes.
+	Nodes    NodeAPI
+	NodeName string // required: the Node's name
 	// Network is the network config (net-conf.json); podCIDRs must lie
 	// inside its Network (and IPv6Network).
 	Network netconf.Config
@@ -104,6 +109,7 @@ type Config struct {
 // registry.Registry does for etcd: Keep, List, Watch, Guard, Close.
 type Manager struct {
 	c       *Client
+	api     NodeAPI
 	cfg     Config
 	ann     Annotations
 	log     *slog.Logger
@@ -123,8 +129,8 @@ type Manager struct {
 	why   error               // why there is no own lease yet; nil once Keep reported one
 }
 
-// New sets the manager up on the client's shared informer factory. It
-// sends nothing; Keep and List start the informers.
+// New sets the manager up on the client's shared Node informer. It sends
+// nothing; Keep and List start the informers.
 func New(cfg Config) (*Manager, error) {
 	if cfg.Client == nil {
 		return nil, errors.New("kubernetes subnet manager: no client")
@@ -145,14 +151,19 @@ func New(cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	nodes := cfg.Client.Informers().Core().V1().Nodes()
+	api := cfg.Nodes
+	if api == nil {
+		api = cfg.Client.Nodes()
+	}
+	nodes := cfg.Client.Informer(&v1.Node{}, kubeclient.ListWatch(api))
 	m := &Manager{
 		c:        cfg.Client,
+		api:      api,
 		cfg:      cfg,
 		ann:      ann,
 		log:      cfg.Logger,
-		nodes:    nodes.Informer(),
-		lister:   nodes.Lister(),
+		nodes:    nodes,
+		lister:   corelisters.NewNodeLister(nodes.GetIndexer()),
 		skipped:  skippedCounter(),
 		ownWake:  make(chan struct{}, 1),
 		peerWake: make(chan struct{}, 1),
@@ -263,9 +274,7 @@ func (m *Manager) sync(ctx context.Context) error {
 func (m *Manager) NodePublicIPs(ctx context.Context) (v4, v6 netip.Addr, err error) {
 	delay := time.Second
 	for {
-		rctx, cancel := m.c.Bounded(ctx)
-		n, err := m.c.Clientset().CoreV1().Nodes().Get(rctx, m.cfg.NodeName, metav1.GetOptions{})
-		cancel()
+		n, err := m.api.Get(ctx, m.cfg.NodeName)
 		switch {
 		case err == nil:
 			return m.ann.NodePublicIPs(n.Annotations)

@@ -23,7 +23,10 @@ import (
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/rest"
 
 	"github.com/loomnet/loom/internal/lease"
 	"github.com/loomnet/loom/internal/netconf"
@@ -78,6 +81,29 @@ type fakeEnv struct {
 	logs *logBuf
 }
 
+// fakeNodes is the manager's NodeAPI on the fake clientset.
+type fakeNodes struct{ cs *fake.Clientset }
+
+func (f fakeNodes) Get(ctx context.Context, name string) (*v1.Node, error) {
+	return f.cs.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+}
+
+func (f fakeNodes) List(ctx context.Context, opts metav1.ListOptions) (*v1.NodeList, error) {
+	return f.cs.CoreV1().Nodes().List(ctx, opts)
+}
+
+func (f fakeNodes) Watch(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+	return f.cs.CoreV1().Nodes().Watch(ctx, opts)
+}
+
+func (f fakeNodes) Patch(ctx context.Context, name string, pt types.PatchType, data []byte, subresources ...string) (*v1.Node, error) {
+	return f.cs.CoreV1().Nodes().Patch(ctx, name, pt, data, metav1.PatchOptions{}, subresources...)
+}
+
+// IsWatchListSemanticsUnSupported keeps the informer's reflector on LIST
+// then WATCH: the fake's watch never sends a watch-list stream's bookmark.
+func (f fakeNodes) IsWatchListSemanticsUnSupported() bool { return true }
+
 func newFakeEnv(objs ...runtime.Object) *fakeEnv {
 	return &fakeEnv{cs: fake.NewClientset(objs...), logs: &logBuf{}}
 }
@@ -92,12 +118,14 @@ func (e *fakeEnv) manager(t *testing.T, node string, metrics prometheus.Register
 // managerWith is manager with a Config changed by edit.
 func (e *fakeEnv) managerWith(t *testing.T, node string, metrics prometheus.Registerer, edit func(*Config)) *Manager {
 	t.Helper()
-	c, err := NewClient(ClientConfig{Clientset: e.cs, Logger: e.logs.logger()})
+	// The client's connection is never used (the fake answers every
+	// request); it runs the shared informer.
+	c, err := NewClient(ClientConfig{REST: &rest.Config{Host: "http://127.0.0.1:1"}, Logger: e.logs.logger()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	cfg := Config{Client: c, NodeName: node, Network: mustConfig(t, testNet), Logger: e.logs.logger(), Metrics: metrics, WaitLogEvery: 100 * time.Millisecond}
+	cfg := Config{Client: c, Nodes: fakeNodes{e.cs}, NodeName: node, Network: mustConfig(t, testNet), Logger: e.logs.logger(), Metrics: metrics, WaitLogEvery: 100 * time.Millisecond}
 	edit(&cfg)
 	m, err := New(cfg)
 	if err != nil {
@@ -461,22 +489,13 @@ func counterValue(t *testing.T, c prometheus.Metric) float64 {
 	return d.GetCounter().GetValue()
 }
 
-// kube-flannel.yml gives the agent its pod, not its node; the node's
-// node-public-ip annotation replaces -public-ip, as in flanneld.
-func TestNodeIdentityFromTheAPI(t *testing.T) {
+// The node's node-public-ip annotation replaces -public-ip, as in
+// flanneld; a Node not registered yet has none.
+func TestManagerNodePublicIPs(t *testing.T) {
 	n1 := node("n1", []string{"10.244.1.0/24"}, map[string]string{pfx + "node-public-ip": "198.18.1.11"})
-	pod := &v1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "kube-flannel-ds-x7k2p", Namespace: "kube-flannel"}, Spec: v1.PodSpec{NodeName: "n1"}}
-	e := newFakeEnv(n1, pod)
-	m := e.manager(t, "n1", nil)
+	e := newFakeEnv(n1)
 	ctx := context.Background()
-	name, err := m.c.NodeOfPod(ctx, "kube-flannel", "kube-flannel-ds-x7k2p")
-	if err != nil || name != "n1" {
-		t.Fatalf("NodeOfPod = %q, %v", name, err)
-	}
-	if _, err := m.c.NodeOfPod(ctx, "kube-flannel", "gone"); err == nil || !strings.Contains(err.Error(), "NODE_NAME") {
-		t.Errorf("NodeOfPod of a missing pod: %v, want an error pointing to NODE_NAME", err)
-	}
-	v4, v6, err := m.NodePublicIPs(ctx)
+	v4, v6, err := e.manager(t, "n1", nil).NodePublicIPs(ctx)
 	if err != nil || v4 != netip.MustParseAddr("198.18.1.11") || v6.IsValid() {
 		t.Errorf("NodePublicIPs = %v, %v, %v", v4, v6, err)
 	}

@@ -220,12 +220,10 @@ func (k *keeper) write(ctx context.Context, n *v1.Node) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("encode the patch of Node %s: %w", n.Name, err)
 	}
-	rctx, cancel := m.c.Bounded(ctx)
-	defer cancel()
 	// Annotations go through nodes/status, as flanneld writes them:
 	// kube-flannel.yml's RBAC allows patching nodes/status only, and the
 	// status subresource keeps metadata changes.
-	got, err := m.c.Clientset().CoreV1().Nodes().Patch(rctx, n.Name, types.StrategicMergePatchType, body, metav1.PatchOptions{}, "status")
+	got, err := m.api.Patch(ctx, n.Name, types.StrategicMergePatchType, body, "status")
 	switch {
 	case apierrors.IsForbidden(err):
 		return false, fmt.Errorf("write annotations and condition of Node %s: %w: the agent's user needs patch on nodes/status (and get, list, watch on nodes): bind it to a ClusterRole like deploy/kubernetes/loom.yaml's", n.Name, err)

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/loomnet/loom/internal/netconf"
@@ -105,7 +104,7 @@ func (l *Lab) waitNodeGone(ctx context.Context, node string) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	for {
-		_, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		_, err := cs.Nodes().Get(ctx, node)
 		if apierrors.IsNotFound(err) {
 			return nil
 		}
@@ -168,7 +167,7 @@ func (l *Lab) removeFlannelAnnotations(ctx context.Context, node string) error {
 	if err != nil {
 		return err
 	}
-	if _, err := cs.CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+	if _, err := cs.Nodes().Patch(ctx, node, types.MergePatchType, patch); err != nil {
 		return fmt.Errorf("remove the annotations of Node %s: %w", node, err)
 	}
 	return nil

@@ -16,8 +16,9 @@ package lab
 // address, Ready) and, after each CNI ADD, a Pod object with the address
 // loom-cni gave (Running, Ready), so EndpointSlices come out as in a real
 // cluster. Agents run as system:serviceaccount:loom:loom with exactly the
-// RBAC of deploy/kubernetes/loom.yaml, which the lab applies: a verb
-// missing from the ClusterRole breaks the lab as it would break a cluster.
+// RBAC of deploy/kubernetes/loom.yaml, which the lab applies with kubectl,
+// as an operator would: a verb missing from the ClusterRole breaks the lab
+// as it would break a cluster.
 //
 // What `loom lab break` and `heal` need in another process is kept in
 // lab.json (KubeState); the tokens stay in the 0600 kubeconfig files.
@@ -41,11 +42,10 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/util/retry"
 
 	"github.com/loomnet/loom/deploy"
+	"github.com/loomnet/loom/internal/kubeclient"
 	"github.com/loomnet/loom/internal/kubecp"
 	"github.com/loomnet/loom/internal/netns"
 )
@@ -264,8 +264,8 @@ func logTail(path string, n int) string {
 // KubeClient returns an admin (system:masters) client of the lab's
 // apiserver that connects from inside the router namespace, as the lab
 // itself runs in the root namespace, which has no route to the underlay.
-// The lab never watches, so every request is bounded.
-func (l *Lab) KubeClient() (kubernetes.Interface, error) {
+// The lab never watches; every request is bounded (15 s).
+func (l *Lab) KubeClient() (*kubeclient.Client, error) {
 	if l.kube != nil {
 		return l.kube, nil
 	}
@@ -273,62 +273,51 @@ func (l *Lab) KubeClient() (kubernetes.Interface, error) {
 	if err != nil {
 		return nil, err
 	}
-	rc, err := clientcmd.BuildConfigFromFlags("", k.AdminKubeconfig)
-	if err != nil {
-		return nil, fmt.Errorf("read the lab's admin kubeconfig: %w", err)
-	}
-	rc.Dial = l.routerDial().DialContext
-	rc.Timeout = 15 * time.Second
-	rc.UserAgent = "loom-lab"
-	cs, err := kubernetes.NewForConfig(rc)
+	c, err := kubeclient.New(kubeclient.Config{
+		KubeconfigFile: k.AdminKubeconfig,
+		Dial:           l.routerDial().DialContext,
+		UserAgent:      "loom-lab",
+		RequestTimeout: 15 * time.Second,
+	})
 	if err != nil {
 		return nil, fmt.Errorf("client of the lab's apiserver %s: %w", k.URL, err)
 	}
-	l.kube = cs
-	return cs, nil
+	l.kube = c
+	return c, nil
 }
 
-// applyRBAC creates the manifest's Namespace, ServiceAccount, ClusterRole
-// and ClusterRoleBinding, as `kubectl apply -f loom.yaml` would.
+// applyRBAC applies the manifest's Namespace, ServiceAccount, ClusterRole
+// and ClusterRoleBinding with the lab's kubectl, as `kubectl apply -f
+// loom.yaml` does (loom's own client knows core/v1 only).
 func (l *Lab) applyRBAC(ctx context.Context) error {
 	objs, _, err := manifestRBAC()
 	if err != nil {
 		return err
 	}
-	cs, err := l.KubeClient()
+	plan, err := l.kubePlan()
 	if err != nil {
 		return err
 	}
+	list := struct {
+		APIVersion string            `json:"apiVersion"`
+		Kind       string            `json:"kind"`
+		Items      []json.RawMessage `json:"items"`
+	}{APIVersion: "v1", Kind: "List"}
+	var names []string
 	for _, o := range objs {
-		switch o.Kind {
-		case "Namespace":
-			err = create(ctx, o.JSON, cs.CoreV1().Namespaces().Create)
-		case "ServiceAccount":
-			err = create(ctx, o.JSON, cs.CoreV1().ServiceAccounts(o.Namespace).Create)
-		case "ClusterRole":
-			err = create(ctx, o.JSON, cs.RbacV1().ClusterRoles().Create)
-		case "ClusterRoleBinding":
-			err = create(ctx, o.JSON, cs.RbacV1().ClusterRoleBindings().Create)
-		}
-		if err != nil {
-			return fmt.Errorf("apply %s %s of deploy/kubernetes/loom.yaml: %w", o.Kind, o.Name, err)
-		}
+		list.Items = append(list.Items, o.JSON)
+		names = append(names, o.Kind+" "+o.Name)
+	}
+	data, err := json.Marshal(list)
+	if err != nil {
+		return fmt.Errorf("encode the RBAC of deploy/kubernetes/loom.yaml: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if out, err := plan.Apply(ctx, l.RouterNS(), string(data)); err != nil {
+		return fmt.Errorf("apply %s of deploy/kubernetes/loom.yaml: %w\n%s", strings.Join(names, ", "), err, out)
 	}
 	return nil
-}
-
-// create decodes one manifest object and creates it; one that exists is
-// left as it is.
-func create[T any](ctx context.Context, data []byte, fn func(context.Context, *T, metav1.CreateOptions) (*T, error)) error {
-	obj := new(T)
-	if err := json.Unmarshal(data, obj); err != nil {
-		return err
-	}
-	_, err := fn(ctx, obj, metav1.CreateOptions{})
-	if apierrors.IsAlreadyExists(err) {
-		return nil
-	}
-	return err
 }
 
 // RegisterNode creates node's Node object as its kubelet would: the
@@ -348,7 +337,7 @@ func (l *Lab) RegisterNode(ctx context.Context, node string) error {
 		"kubernetes.io/hostname": n.Name,
 		"kubernetes.io/os":       "linux",
 	}}}
-	if _, err := cs.CoreV1().Nodes().Create(ctx, obj, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+	if _, err := cs.Nodes().Create(ctx, obj); err != nil && !apierrors.IsAlreadyExists(err) {
 		return fmt.Errorf("register Node %s: %w", n.Name, err)
 	}
 	now := metav1.Now()
@@ -369,7 +358,7 @@ func (l *Lab) RegisterNode(ctx context.Context, node string) error {
 	// A strategic merge patch merges conditions by type: nothing another
 	// writer set (the agent's NetworkUnavailable) is lost, and no
 	// resourceVersion race with the controller manager's podCIDR update.
-	if _, err := cs.CoreV1().Nodes().Patch(ctx, n.Name, types.StrategicMergePatchType, patch, metav1.PatchOptions{}, "status"); err != nil {
+	if _, err := cs.Nodes().Patch(ctx, n.Name, types.StrategicMergePatchType, patch, "status"); err != nil {
 		return fmt.Errorf("set the status of Node %s: %w", n.Name, err)
 	}
 	// Admission (TaintNodesByCondition) taints every new Node not-ready,
@@ -377,7 +366,7 @@ func (l *Lab) RegisterNode(ctx context.Context, node string) error {
 	// Ready. That controller does not run here (no kubelet heartbeats),
 	// so the lab lifts it.
 	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		cur, err := cs.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+		cur, err := cs.Nodes().Get(ctx, n.Name)
 		if err != nil {
 			return err
 		}
@@ -386,7 +375,7 @@ func (l *Lab) RegisterNode(ctx context.Context, node string) error {
 			return nil
 		}
 		cur.Spec.Taints = kept
-		_, err = cs.CoreV1().Nodes().Update(ctx, cur, metav1.UpdateOptions{})
+		_, err = cs.Nodes().Update(ctx, cur)
 		return err
 	})
 	if err != nil {
@@ -430,7 +419,7 @@ func (l *Lab) PodCIDRs(ctx context.Context) (map[string]netip.Prefix, error) {
 	if err != nil {
 		return nil, err
 	}
-	list, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	list, err := cs.Nodes().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("list Nodes: %w", err)
 	}
@@ -452,7 +441,7 @@ func (l *Lab) DeleteNode(ctx context.Context, node string) error {
 	if err != nil {
 		return err
 	}
-	if err := cs.CoreV1().Nodes().Delete(ctx, node, metav1.DeleteOptions{}); err != nil {
+	if err := cs.Nodes().Delete(ctx, node); err != nil {
 		return fmt.Errorf("delete Node %s: %w", node, err)
 	}
 	return nil
@@ -464,7 +453,7 @@ func (l *Lab) NodeAnnotations(ctx context.Context, node string) (map[string]stri
 	if err != nil {
 		return nil, err
 	}
-	n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+	n, err := cs.Nodes().Get(ctx, node)
 	if err != nil {
 		return nil, fmt.Errorf("read Node %s: %w", node, err)
 	}
@@ -492,7 +481,7 @@ func (l *Lab) createPodObject(ctx context.Context, n *Node, p Pod) error {
 			Containers:                   []v1.Container{{Name: probeContainer, Image: pauseImage}},
 		},
 	}
-	if _, err := cs.CoreV1().Pods(PodNamespace).Create(ctx, obj, metav1.CreateOptions{}); err != nil {
+	if _, err := cs.Pods(PodNamespace).Create(ctx, obj); err != nil {
 		return fmt.Errorf("create Pod %s: %w", p.Name, err)
 	}
 	now := metav1.Now()
@@ -515,12 +504,12 @@ func (l *Lab) createPodObject(ctx context.Context, n *Node, p Pod) error {
 		status.Conditions = append(status.Conditions, v1.PodCondition{Type: c, Status: v1.ConditionTrue, LastTransitionTime: now})
 	}
 	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		cur, err := cs.CoreV1().Pods(PodNamespace).Get(ctx, p.Name, metav1.GetOptions{})
+		cur, err := cs.Pods(PodNamespace).Get(ctx, p.Name)
 		if err != nil {
 			return err
 		}
 		cur.Status = status
-		_, err = cs.CoreV1().Pods(PodNamespace).UpdateStatus(ctx, cur, metav1.UpdateOptions{})
+		_, err = cs.Pods(PodNamespace).UpdateStatus(ctx, cur)
 		return err
 	})
 	if err != nil {
@@ -537,7 +526,7 @@ func (l *Lab) deletePodObject(ctx context.Context, name string) error {
 		return err
 	}
 	zero := int64(0)
-	err = cs.CoreV1().Pods(PodNamespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+	err = cs.Pods(PodNamespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
 	if err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("delete Pod %s: %w", name, err)
 	}
@@ -590,7 +579,7 @@ func (l *Lab) SetNetworkUnavailable(ctx context.Context, node string, unavailabl
 	if err != nil {
 		return err
 	}
-	if _, err := cs.CoreV1().Nodes().Patch(ctx, node, types.StrategicMergePatchType, patch, metav1.PatchOptions{}, "status"); err != nil {
+	if _, err := cs.Nodes().Patch(ctx, node, types.StrategicMergePatchType, patch, "status"); err != nil {
 		return fmt.Errorf("set NetworkUnavailable=%s on Node %s: %w", st, node, err)
 	}
 	return nil

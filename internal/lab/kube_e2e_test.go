@@ -28,7 +28,6 @@ import (
 
 	"github.com/vishvananda/netlink"
 	v1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/loomnet/loom/internal/netns"
 )
@@ -191,7 +190,7 @@ func getNode(t *testing.T, l *Lab, name string) *v1.Node {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Second)
 	defer cancel()
-	n, err := cs.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+	n, err := cs.Nodes().Get(ctx, name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -281,7 +280,7 @@ func checkPodObject(t *testing.T, l *Lab, n Node, p Pod) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pod, err := cs.CoreV1().Pods(PodNamespace).Get(t.Context(), p.Name, metav1.GetOptions{})
+	pod, err := cs.Pods(PodNamespace).Get(t.Context(), p.Name)
 	if err != nil {
 		t.Fatalf("Pod object of %s: %v", p.Name, err)
 	}

@@ -42,8 +42,7 @@ import (
 	"strconv"
 	"strings"
 
-	"k8s.io/client-go/kubernetes"
-
+	"github.com/loomnet/loom/internal/kubeclient"
 	"github.com/loomnet/loom/internal/kubecp"
 )
 
@@ -217,7 +216,7 @@ type Lab struct {
 	Kube  *KubeState `json:",omitempty"`
 	Nodes []Node
 
-	kube kubernetes.Interface // admin client of Kube, made on first use
+	kube *kubeclient.Client // admin client of Kube, made on first use
 }
 
 func (l *Lab) dir() string             { return filepath.Join(StateRoot, l.Opts.Name) }
