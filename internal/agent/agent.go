@@ -7,6 +7,7 @@
 //	subnets.Keep ──► own lease ──► subnet.env, backend.SetLocal
 //	subnets.List + Watch ──► peer events ──► backend.Handle
 //	backend.Run: reconcile loop ◄── netlink events + periodic resync
+//	firewall.New, beside all of the above ──► rules for the own lease
 //
 // The subnets come from etcd (registry) or, with -kube-subnet-mgr, from the
 // Kubernetes API (kubesubnet: the Node's podCIDR, flannel's annotations);
@@ -120,7 +121,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	checks.Add("lease", func(context.Context) error { return a.leaseReady() })
 	checks.Add("subnet.env", func(context.Context) error { return a.subnetFileReady() })
 	checks.Add("datapath", health.Ready(func() bool { return false }, "not set up yet: the node holds no subnet lease"))
-	checks.Add("firewall", health.Ready(func() bool { return false }, "not set up yet: the node holds no subnet lease"))
+	checks.Add("firewall", func(context.Context) error { return a.firewallReady() })
 	if opts.HealthzPort > 0 {
 		addr := netip.AddrPortFrom(opts.HealthzIP, uint16(opts.HealthzPort))
 		// Bound here, not in the server's goroutine: a port in use is an
@@ -130,7 +131,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		if err != nil {
 			return fmt.Errorf("serve health on %s (-healthz-ip, -healthz-port): %w", addr, err)
 		}
-		hcfg := health.Config{Checks: checks, Metrics: metrics, Logger: log}
+		hcfg := health.Config{Checks: checks, Metrics: metrics, Logger: log, Profiling: opts.Profiling}
 		wg.Go(func() {
 			if err := health.ServeListener(ctx, ln, hcfg); err != nil && ctx.Err() == nil {
 				fail(fmt.Errorf("serve health on %s: %w", addr, err))
@@ -149,6 +150,28 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		wg.Wait()
 		subnets.Close()
 	}()
+	// The firewall is set up now, beside everything below, and nothing
+	// below waits for it: its set-up probes nft and iptables (exec'd
+	// tools and dry-run kernel transactions, ~50 ms, which used to delay
+	// the lease claim), and its rules were never a precondition of
+	// subnet.env or the data path (its first sync always ran beside the
+	// backend's). It gets the lease's addresses when both it and the lease
+	// are there (setFirewallAddrs); /readyz waits for its rules. A set-up
+	// error still stops the agent, now perhaps after the lease was taken,
+	// which the next start takes back as after any restart.
+	fwCfg := firewall.Config{
+		Mode:         firewallMode(opts, cfg),
+		IPMasq:       opts.IPMasq,
+		ForwardRules: opts.IPTablesForwardRules,
+		Resync:       opts.IPTablesResync,
+		Logger:       log,
+		Metrics:      metrics,
+	}
+	wg.Go(func() {
+		if err := a.runFirewall(ctx, fwCfg); err != nil && ctx.Err() == nil {
+			fail(err)
+		}
+	})
 	ifc, err := iface.Select(iface.Config{
 		Ifaces:   opts.Iface,
 		Regexes:  opts.IfaceRegex,
@@ -198,22 +221,8 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 	be := dp.Network
 	checks.Add("datapath", health.Ready(be.Ready, "peer routes not programmed yet"))
 
-	fw, err := firewall.New(firewall.Config{
-		Mode:         firewallMode(opts, cfg),
-		IPMasq:       opts.IPMasq,
-		ForwardRules: opts.IPTablesForwardRules,
-		Resync:       opts.IPTablesResync,
-		Logger:       log,
-		Metrics:      metrics,
-	})
-	if err != nil {
-		return err
-	}
-	checks.Add("firewall", health.Ready(fw.Ready, "masquerade and forward rules not in place yet"))
-	log.Info("firewall", "mode", fw.Mode(), "ip-masq", opts.IPMasq, "forward-rules", opts.IPTablesForwardRules)
-
 	// The goroutines below see these fields as set here: they start after.
-	a.opts, a.cfg, a.be, a.fw, a.mtu, a.guard = opts, cfg, be, fw, dp.mtu, subnets.Guard(cfg)
+	a.opts, a.cfg, a.be, a.mtu, a.guard = opts, cfg, be, dp.mtu, subnets.Guard(cfg)
 	req := registry.Request{
 		NodeName: opts.NodeName,
 		Config:   cfg,
@@ -267,11 +276,6 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 		wg.Go(func() { keepLooseRPFilter(ctx, dp.devices, opts.Resync, log) })
 	}
 	wg.Go(func() {
-		if err := fw.Run(ctx); err != nil && ctx.Err() == nil {
-			fail(fmt.Errorf("firewall: %w", err))
-		}
-	})
-	wg.Go(func() {
 		if err := be.Run(ctx); err != nil && ctx.Err() == nil {
 			fail(fmt.Errorf("data path: %w", err))
 		}
@@ -298,15 +302,18 @@ type agent struct {
 	cfg  netconf.Config
 	log  *slog.Logger
 	be   backend.Network
-	fw   *firewall.Firewall
 	mtu  int
 	// guard keeps corrupt and hostile peer leases out of the data path.
 	guard *registry.Guard
 	// subnetFile is -subnet-file, for the readiness check.
 	subnetFile string
 
-	mu  sync.Mutex  // guards own, subnets and pending
+	mu  sync.Mutex  // guards own, subnets, pending, fw and fwAddrs
 	own lease.Lease // the lease this node holds
+	// fw is the firewall once its set-up is done (runFirewall), nil
+	// before; fwAddrs what it must program, nil before the first lease.
+	fw      *firewall.Firewall
+	fwAddrs *firewall.Addrs
 	// subnets says, until own is set, why there is no lease yet.
 	subnets subnetManager
 	// pending is why there is no lease yet before subnets can say it
@@ -328,7 +335,7 @@ func (a *agent) setLease(l lease.Lease) error {
 	a.own = l
 	a.mu.Unlock()
 	a.be.SetLocal(l)
-	a.fw.Set(firewall.Addrs{Network: a.cfg.Network, Subnet: l.Subnet, IPv6Network: a.cfg.IPv6Network, IPv6Subnet: l.IPv6Subnet})
+	a.setFirewallAddrs(firewall.Addrs{Network: a.cfg.Network, Subnet: l.Subnet, IPv6Network: a.cfg.IPv6Network, IPv6Subnet: l.IPv6Subnet})
 	env := subnetenv.Env{MTU: a.mtu, IPMasq: a.opts.IPMasq}
 	if a.cfg.EnableIPv4 {
 		env.Network = a.cfg.Network
@@ -343,6 +350,56 @@ func (a *agent) setLease(l lease.Lease) error {
 	}
 	a.subnetWrote.Store(true)
 	a.log.Info("holding subnet lease", "subnet", l.Subnet, "ipv6-subnet", l.IPv6Subnet, "subnet-file", a.opts.SubnetFile)
+	return nil
+}
+
+// runFirewall sets the firewall up, hands it the addresses of the lease
+// if there is one already, and keeps its rules until ctx ends. An error
+// setting it up (no usable nft or iptables for the mode) stops the agent.
+func (a *agent) runFirewall(ctx context.Context, cfg firewall.Config) error {
+	fw, err := firewall.New(cfg)
+	if err != nil {
+		return err
+	}
+	a.log.Info("firewall", "mode", fw.Mode(), "ip-masq", cfg.IPMasq, "forward-rules", cfg.ForwardRules)
+	a.mu.Lock()
+	a.fw = fw
+	if a.fwAddrs != nil {
+		fw.Set(*a.fwAddrs)
+	}
+	a.mu.Unlock()
+	if err := fw.Run(ctx); err != nil {
+		return fmt.Errorf("firewall: %w", err)
+	}
+	return nil
+}
+
+// setFirewallAddrs gives the firewall the addresses of a (new) lease, or
+// keeps them for it until it is set up. Set is called with mu held so that
+// runFirewall and a lease change cannot hand over two leases out of order.
+func (a *agent) setFirewallAddrs(addrs firewall.Addrs) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.fwAddrs = &addrs
+	if a.fw != nil {
+		a.fw.Set(addrs)
+	}
+}
+
+// firewallReady is the readiness check of the firewall: nil once its
+// rules for the current lease are in place.
+func (a *agent) firewallReady() error {
+	a.mu.Lock()
+	fw, addrs := a.fw, a.fwAddrs
+	a.mu.Unlock()
+	switch {
+	case addrs == nil:
+		return errors.New("not set up yet: the node holds no subnet lease")
+	case fw == nil:
+		return errors.New("not set up yet: probing nftables and iptables")
+	case !fw.Ready():
+		return errors.New("masquerade and forward rules not in place yet")
+	}
 	return nil
 }
 

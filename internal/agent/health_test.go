@@ -154,3 +154,19 @@ func TestHealthPortInUse(t *testing.T) {
 		t.Fatal("Run waited for the store before binding the health port")
 	}
 }
+
+// -profiling reaches the health server: the heap profile an operator takes
+// of a running agent, and nothing of the kind without the flag.
+func TestProfilingFlag(t *testing.T) {
+	unreachable := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	common := []string{"-etcd-endpoints", unreachable, "-etcd-dial-timeout", "1s", "-etcd-request-timeout", "1s"}
+	base, done := runAgent(t, append(common, "-profiling")...)
+	waitFor(t, base+"/debug/pprof/heap", done, func(code int, body string) bool {
+		return code == http.StatusOK && strings.HasPrefix(body, "\x1f\x8b")
+	})
+	base, done = runAgent(t, common...)
+	waitFor(t, base+"/healthz", done, func(code int, _ string) bool { return code == http.StatusOK })
+	if code, _, err := get(base + "/debug/pprof/heap"); err != nil || code != http.StatusNotFound {
+		t.Errorf("GET /debug/pprof/heap without -profiling: %d %v, want 404", code, err)
+	}
+}

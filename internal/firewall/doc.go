@@ -92,6 +92,11 @@
 //     namespace loom never used, New and Cleanup leave the ruleset empty
 //     (iptables-nft would create its nat and filter tables on any write).
 //   - MASQUERADE --random-fully needs iptables 1.6.2; older binaries get
-//     plain MASQUERADE and a log line. nft's "fully-random" is checked once
-//     with nft --check.
+//     plain MASQUERADE and a log line. nft's "fully-random" is assumed and
+//     proven by the first write of a masquerade rule; only when that write
+//     fails does nft --check ask whether fully-random is the reason, and
+//     then the table is written with plain masquerade (and a log line).
+//     Every nft write or --check is a kernel transaction, and those of one
+//     namespace take turns (10-20 ms each on a small VM): New makes two
+//     (knftables' probes), a first sync on a fresh node one.
 package firewall

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os/exec"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -113,11 +114,17 @@ type Firewall struct {
 	// Kernel interfaces per family, opened by New inside the namespace;
 	// nil where the tool is unusable, with the reason beside. Read-only
 	// after New.
-	nft         [2]knftables.Interface
-	nftErr      [2]error
-	ipt         [2]iptablesAPI
-	iptErr      [2]error
-	fullyRandom [2]bool // whether the backend in use can masquerade fully-random
+	nft    [2]knftables.Interface
+	nftErr [2]error
+	ipt    [2]iptablesAPI
+	iptErr [2]error
+
+	// fullyRandom is whether the backend in use masquerades fully-random
+	// in each family; randomKnown whether that has been confirmed (for
+	// nftables: by a write, see syncNFTRules). Set by New, then touched
+	// only by the syncing goroutine.
+	fullyRandom [2]bool
+	randomKnown [2]bool
 
 	// forwardDrop is iptables' FORWARD policy per family at the last
 	// sync. Only the syncing goroutine touches it.
@@ -157,6 +164,14 @@ func New(cfg Config) (*Firewall, error) {
 
 // open opens the kernel interfaces and picks the backend. It runs inside
 // the namespace.
+//
+// Opening is probing: knftables.New runs `nft --version` and an
+// `nft --check` (a dry-run kernel transaction, 10-20 ms on a small VM),
+// go-iptables runs `iptables --version`. One after the other on purpose:
+// nft transactions of one namespace take turns in the kernel anyway, and
+// probes run at once only take CPU from what the agent does meanwhile
+// (the lease claim, the data path): on two cores that made the agent's
+// first packet ~30 ms later and the rules no sooner.
 func (f *Firewall) open() error {
 	for _, fam := range families() {
 		f.nft[fam], f.nftErr[fam] = f.cfg.newNFT(fam)
@@ -184,26 +199,30 @@ func (f *Firewall) open() error {
 			return fmt.Errorf("firewall mode auto: neither nftables (%w) nor iptables (%w) is usable", f.nftErr[ipv4], f.iptErr[ipv4])
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), syncTimeout)
-	defer cancel()
 	for _, fam := range families() {
 		switch {
 		case f.mode == ModeNFTables && f.nft[fam] != nil:
-			f.fullyRandom[fam] = nftHasFullyRandom(ctx, f.nft[fam])
+			// Learnt from the first write of a masquerade rule
+			// (syncNFTRules), not from a dry-run of its own here.
+			f.fullyRandom[fam] = true
 		case f.mode == ModeIPTables && f.ipt[fam] != nil:
+			// go-iptables knows it from the version it has read.
 			f.fullyRandom[fam] = f.ipt[fam].HasRandomFully()
-		default:
-			continue
-		}
-		if !f.fullyRandom[fam] {
-			f.log.Info("masquerading without fully-random port allocation: not supported here",
-				"family", fam, "mode", f.mode)
+			f.randomKnown[fam] = true
+			if !f.fullyRandom[fam] {
+				f.logNoFullyRandom(fam)
+			}
 		}
 	}
 	if f.mode == ModeNFTables && f.iptErr[ipv4] != nil {
 		f.log.Info("iptables is not usable, so its FORWARD policy is not checked", "reason", f.iptErr[ipv4])
 	}
 	return nil
+}
+
+func (f *Firewall) logNoFullyRandom(fam family) {
+	f.log.Info("masquerading without fully-random port allocation: not supported here",
+		"family", fam, "mode", f.mode)
 }
 
 // Mode returns the backend in use: ModeNFTables or ModeIPTables.
@@ -371,7 +390,7 @@ func (f *Firewall) syncNFTablesMode(ctx context.Context, fam family, rules []rul
 	table := string(fam.nft()) + " " + Table
 	switch {
 	case nft != nil && len(rules) > 0:
-		changed, err := syncNFT(ctx, nft, fam, rules, f.fullyRandom[fam])
+		changed, err := f.syncNFTRules(ctx, fam, rules)
 		f.wrote("nftables", fam, table, changed)
 		if err != nil {
 			return err
@@ -428,6 +447,34 @@ func (f *Firewall) syncNFTablesMode(ctx context.Context, fam family, rules []rul
 		}
 	}
 	return nil
+}
+
+// syncNFTRules is syncNFT for fam's table holding rules, masquerading
+// fully-random where nft and the kernel can. Whether they can is learnt
+// from the first write rather than from a dry-run at start (each dry-run is
+// a kernel transaction of its own, 10-20 ms): the table is written with
+// fully-random, and only when that fails does `nft --check` ask whether
+// fully-random is the reason; if so the table is written again without it,
+// and from then on.
+func (f *Firewall) syncNFTRules(ctx context.Context, fam family, rules []rule) (changed bool, err error) {
+	nft := f.nft[fam]
+	masq := slices.ContainsFunc(rules, func(r rule) bool { return r.verdict == verdictMasquerade })
+	changed, err = syncNFT(ctx, nft, fam, rules, f.fullyRandom[fam])
+	switch {
+	case !masq || f.randomKnown[fam] || !f.fullyRandom[fam]:
+		return changed, err
+	case err == nil:
+		f.randomKnown[fam] = changed // a table already in place proves nothing
+		return changed, nil
+	}
+	ok, known := nftFullyRandom(ctx, nft)
+	f.randomKnown[fam] = known
+	if ok || !known {
+		return changed, err
+	}
+	f.fullyRandom[fam] = false
+	f.logNoFullyRandom(fam)
+	return syncNFT(ctx, nft, fam, rules, false)
 }
 
 func (f *Firewall) wrote(backend string, fam family, what string, changed bool) {

@@ -321,6 +321,76 @@ func TestIPTablesModeWithoutRandomFully(t *testing.T) {
 	}
 }
 
+// noFullyRandomNFT is a fake nftables on a kernel that refuses
+// "masquerade fully-random", as nft there does: the whole transaction
+// fails.
+type noFullyRandomNFT struct {
+	*knftables.Fake
+	refused int // transactions refused so far
+}
+
+func (n *noFullyRandomNFT) refuse(tx *knftables.Transaction) error {
+	if strings.Contains(tx.String(), "fully-random") {
+		n.refused++
+		return errors.New("Error: Could not process rule: Operation not supported")
+	}
+	return nil
+}
+
+func (n *noFullyRandomNFT) Run(ctx context.Context, tx *knftables.Transaction) error {
+	if err := n.refuse(tx); err != nil {
+		return err
+	}
+	return n.Fake.Run(ctx, tx)
+}
+
+func (n *noFullyRandomNFT) Check(ctx context.Context, tx *knftables.Transaction) error {
+	if err := n.refuse(tx); err != nil {
+		return err
+	}
+	return n.Fake.Check(ctx, tx)
+}
+
+// In nftables mode the first write tries fully-random; where the kernel
+// refuses it, the table is written with plain masquerade in the same sync,
+// the fallback is logged, and later writes do not try again.
+func TestNFTablesModeWithoutFullyRandom(t *testing.T) {
+	fk := newFakes()
+	nft := &noFullyRandomNFT{Fake: fk.nft[ipv4]}
+	cfg := fk.config(ModeNFTables, true, true)
+	cfg.newNFT = func(fam family) (knftables.Interface, error) {
+		if fam == ipv4 {
+			return nft, nil
+		}
+		return fk.nft[fam], nil
+	}
+	f := mustNew(t, cfg)
+	a := v4Only()
+	f.Set(a)
+	syncNow(t, f)
+	if !f.Ready() {
+		t.Fatal("not Ready after the fallback")
+	}
+	got := nftState(fk, ipv4)
+	if want := renderNFT(ipv4, ruleTable(ipv4, a.Network, a.Subnet, true, true), false); got != want {
+		t.Fatalf("table without fully-random support:\n%s\nwant:\n%s", got, want)
+	}
+	if !strings.Contains(fk.logs.String(), "without fully-random") {
+		t.Errorf("the fallback is not logged:\n%s", fk.logs)
+	}
+	refused := nft.refused
+	b := a
+	b.Subnet = netip.MustParsePrefix("10.244.9.0/24")
+	f.Set(b)
+	syncNow(t, f)
+	if nft.refused != refused {
+		t.Errorf("fully-random tried again after it was refused (%d refusals, then %d)", refused, nft.refused)
+	}
+	if got, want := nftState(fk, ipv4), renderNFT(ipv4, ruleTable(ipv4, b.Network, b.Subnet, true, true), false); got != want {
+		t.Fatalf("table after a new subnet:\n%s\nwant:\n%s", got, want)
+	}
+}
+
 // TestForwardDropAddsIPTablesAccept: in nftables and auto mode, Docker's
 // FORWARD policy DROP gets LOOM-FWD in iptables, and it goes again when the
 // policy is back to ACCEPT.

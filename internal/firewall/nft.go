@@ -167,14 +167,24 @@ func syncNFT(ctx context.Context, nft knftables.Interface, fam family, rules []r
 	return true, nil
 }
 
-// nftHasFullyRandom checks, without changing anything, whether nft and the
-// kernel accept "masquerade fully-random" in fam.
-func nftHasFullyRandom(ctx context.Context, nft knftables.Interface) bool {
+// nftFullyRandom checks, without changing anything, whether nft and the
+// kernel accept "masquerade fully-random" in fam. known is false when they
+// refuse a plain masquerade too: nft is failing for another reason, and
+// the answer is not known yet.
+func nftFullyRandom(ctx context.Context, nft knftables.Interface) (ok, known bool) {
+	if nftCheckMasquerade(ctx, nft, "masquerade fully-random") == nil {
+		return true, true
+	}
+	return false, nftCheckMasquerade(ctx, nft, "masquerade") == nil
+}
+
+// nftCheckMasquerade dry-runs a nat chain holding rule in Table.
+func nftCheckMasquerade(ctx context.Context, nft knftables.Interface, rule string) error {
 	tx := nft.NewTransaction()
 	tx.Add(&knftables.Table{})
 	tx.Add(nftBaseChain(hookNAT))
-	tx.Add(&knftables.Rule{Chain: NFTNATChain, Rule: "masquerade fully-random"})
-	return nft.Check(ctx, tx) == nil
+	tx.Add(&knftables.Rule{Chain: NFTNATChain, Rule: rule})
+	return nft.Check(ctx, tx)
 }
 
 // renderNFT is the text of fam's table holding rules, as knftables' Fake
