@@ -70,7 +70,9 @@ func testMain(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	for name, pkg := range map[string]string{cni.PluginType: "github.com/loomnet/loom/cmd/loom-cni", echo: "./testdata/echoplugin"} {
-		out, err := exec.Command("go", "build", "-o", filepath.Join(dir, name), pkg).CombinedOutput()
+		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, name), pkg)
+		cmd.Env = append(os.Environ(), testnet.StaticCNI)
+		out, err := cmd.CombinedOutput()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, out)
 			return 1
@@ -267,6 +269,23 @@ func (n *node) ipFiles(t *testing.T) []string {
 	return ips
 }
 
+// attachmentFiles lists the IPAM store's attachment files (package ipam
+// keeps one per attachment it reserved for).
+func (n *node) attachmentFiles(t *testing.T) []string {
+	t.Helper()
+	entries, err := os.ReadDir(filepath.Join(n.dataDir, netName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "attachment-") {
+			names = append(names, e.Name())
+		}
+	}
+	return names
+}
+
 type pod struct {
 	ns ns.NetNS
 	rt *libcni.RuntimeConf
@@ -384,8 +403,12 @@ func TestAddCheckDel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if hostVeth.Attrs().MasterIndex != br.Attrs().Index || hostVeth.Attrs().MTU != 1450 {
-		t.Errorf("node veth %+v, want a port of cni0 with MTU 1450", hostVeth.Attrs())
+	if hostVeth.Attrs().MasterIndex != br.Attrs().Index || hostVeth.Attrs().MTU != 1450 || hostVeth.Attrs().Flags&net.FlagUp == 0 {
+		t.Errorf("node veth %+v, want an up port of cni0 with MTU 1450", hostVeth.Attrs())
+	}
+	// ADD reports MACs it chose itself instead of reading them back.
+	if mac := hostVeth.Attrs().HardwareAddr.String(); mac != res.Interfaces[1].Mac || res.Interfaces[1].Mtu != 1450 {
+		t.Errorf("node veth has MAC %s, result says %+v", mac, res.Interfaces[1])
 	}
 	if pi, err := nodeNL.LinkGetProtinfo(hostVeth); err != nil || !pi.Hairpin {
 		t.Errorf("node veth protinfo %+v, %v: want hairpin on", pi, err)
@@ -394,8 +417,14 @@ func TestAddCheckDel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if eth0.Attrs().MTU != 1450 {
-		t.Errorf("pod eth0 MTU %d, want FLANNEL_MTU 1450", eth0.Attrs().MTU)
+	if eth0.Attrs().MTU != 1450 || eth0.Attrs().Flags&net.FlagUp == 0 {
+		t.Errorf("pod eth0 %+v, want up with FLANNEL_MTU 1450", eth0.Attrs())
+	}
+	if mac := eth0.Attrs().HardwareAddr.String(); mac != res.Interfaces[2].Mac || res.Interfaces[2].Mtu != 1450 {
+		t.Errorf("pod eth0 has MAC %s, result says %+v", mac, res.Interfaces[2])
+	}
+	if res.Interfaces[0].Mtu != br.Attrs().MTU {
+		t.Errorf("cni0 has MTU %d, result says %d", br.Attrs().MTU, res.Interfaces[0].Mtu)
 	}
 	data, err := os.ReadFile(filepath.Join(n.dataDir, netName, addr.Addr().String()))
 	if err != nil || string(data) != p.rt.ContainerID+"\r\neth0" {

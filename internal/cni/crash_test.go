@@ -4,7 +4,8 @@ package cni_test
 // an address and before it made the pod's interface, leaves an allocation
 // with no pod. The runtime's next step frees it: the DEL it sends for a
 // failed ADD, or, when it forgot the sandbox, a GC with the attachments it
-// knows. Topology and address plan as in cni_test.go.
+// knows; an ADD it retries instead gets that same address. Topology and
+// address plan as in cni_test.go.
 //
 // How the test stops the real plugin at exactly that point, without a test
 // hook in the plugin: the IPAM store's last_reserved_ip.0 is replaced by a
@@ -144,6 +145,26 @@ func TestCrashMidAddLeaksNoAddress(t *testing.T) {
 			t.Fatalf("%s still allocated after DEL", leaked)
 		}
 	})
+	t.Run("a retried ADD reuses it", func(t *testing.T) {
+		p := newPod(t)
+		leaked := crash(t, p)
+		got := podAddr(t, n.mustAdd(t, l, p), true).Addr()
+		if got.String() != leaked {
+			t.Fatalf("retried ADD got %s, want the address the killed ADD reserved, %s", got, leaked)
+		}
+		held := 0
+		for _, al := range n.allocated(t) {
+			if al.ContainerID == p.rt.ContainerID {
+				held++
+			}
+		}
+		if held != 1 {
+			t.Fatalf("after the retry the pod holds %d addresses, want 1", held)
+		}
+		if err := n.del(l, p); err != nil {
+			t.Fatalf("DEL: %v", err)
+		}
+	})
 	t.Run("GC with the runtime's attachments frees it", func(t *testing.T) {
 		p := newPod(t)
 		leaked := crash(t, p)
@@ -162,9 +183,13 @@ func TestCrashMidAddLeaksNoAddress(t *testing.T) {
 	})
 
 	// Only the live pod holds an address, it is intact, and a new pod gets
-	// one without conflict.
+	// one without conflict. The killed ADDs' attachment files went with
+	// their addresses.
 	if all := n.allocated(t); len(all) != 1 || all[0].ContainerID != alive.rt.ContainerID {
 		t.Fatalf("store holds %v, want only the live pod's address", all)
+	}
+	if files := n.attachmentFiles(t); len(files) != 1 {
+		t.Fatalf("store holds attachment files %v, want only the live pod's", files)
 	}
 	if err := n.check(l, alive); err != nil {
 		t.Fatalf("CHECK of the live pod: %v", err)

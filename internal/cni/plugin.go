@@ -42,6 +42,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
@@ -75,7 +76,7 @@ func Add(args *skel.CmdArgs) error {
 	if err != nil {
 		return cniError("ADD", err)
 	}
-	return types.PrintResult(res, c.CNIVersion)
+	return printResult(res, c.CNIVersion)
 }
 
 func add(args *skel.CmdArgs, c *Config, p plan) (_ *current.Result, err error) {
@@ -103,66 +104,75 @@ func add(args *skel.CmdArgs, c *Config, p plan) (_ *current.Result, err error) {
 	// A retried ADD finds its earlier addresses; they may belong to an
 	// interface that still exists, so only addresses this ADD reserved are
 	// freed when it fails.
-	held, err := store.Lookup(att)
-	if err != nil {
-		return nil, fmt.Errorf("look up addresses of %s/%s: %w", att.ContainerID, att.IfName, err)
-	}
-	addrs, err := store.Allocate(att, p.pools())
+	rsv, err := store.Reserve(att, p.pools())
 	if err != nil {
 		return nil, fmt.Errorf("allocate addresses for %s/%s: %w", att.ContainerID, att.IfName, err)
 	}
-	if len(held) == 0 {
-		defer func() {
-			if err != nil {
-				if _, rerr := store.Release(att); rerr != nil {
-					err = errors.Join(err, fmt.Errorf("roll back address allocation: %w", rerr))
-				}
+	defer func() {
+		if err != nil {
+			if uerr := rsv.Undo(); uerr != nil {
+				err = errors.Join(err, fmt.Errorf("roll back address allocation: %w", uerr))
 			}
-		}()
-	}
+		}
+	}()
 
 	br, err := ensureBridge(hostNL, c.Bridge, p.mtu, p.families)
 	if err != nil {
 		return nil, err
 	}
-	hostName := HostVethName(args.ContainerID, args.IfName)
-	if err := createVeth(hostNL, int(pod.Fd()), hostName, args.IfName, p.mtu); err != nil {
+	raw, err := rawSocket()
+	if err != nil {
+		return nil, err
+	}
+	defer raw.Close()
+	v := vethPair{hostName: HostVethName(args.ContainerID, args.IfName), podName: args.IfName,
+		hostMAC: newMAC(), podMAC: newMAC(), mtu: p.mtu, bridge: br.Index, podNS: int(pod.Fd())}
+	if err := createVeth(raw, v); err != nil {
 		return nil, err
 	}
 	defer func() {
 		if err != nil {
 			// Deleting one end deletes the pair, the pod end included.
-			if derr := deleteVeth(hostNL, hostName); derr != nil {
+			if derr := deleteVeth(hostNL, v.hostName); derr != nil {
 				err = errors.Join(err, fmt.Errorf("roll back veth: %w", derr))
 			}
 		}
 	}()
-	hostLink, err := setupHostVeth(hostNL, hostName, br, c.HairpinMode)
-	if err != nil {
-		return nil, err
+	// A new port starts with hairpin off, so only "on" needs a request.
+	if c.HairpinMode {
+		if err := setHairpin(raw, v.hostName); err != nil {
+			return nil, err
+		}
 	}
 
-	podAddrs, routes := p.podConfig(addrs)
+	podAddrs, routes := p.podConfig(rsv.Addrs)
 	podLink, err := setupPod(podNL, args.IfName, podAddrs, routes)
 	if err != nil {
 		return nil, err
 	}
-	// Re-read the bridge: its MTU follows its ports.
-	brNow, err := hostNL.LinkByName(br.Name)
-	if err != nil {
-		return nil, fmt.Errorf("find bridge %s: %w", br.Name, err)
+	// The bridge's MTU follows its ports' smallest unless it was set by
+	// hand; a bridge already at the pods' MTU stays there as this port
+	// joins, any other is read again.
+	brMTU := br.MTU
+	if brMTU != p.mtu {
+		l, err := hostNL.LinkByName(br.Name)
+		if err != nil {
+			return nil, fmt.Errorf("find bridge %s: %w", br.Name, err)
+		}
+		brMTU = l.Attrs().MTU
 	}
-	return newResult(brNow, hostLink, podLink, args.Netns, p, podAddrs, routes), nil
+	ifaces := []*current.Interface{
+		{Name: br.Name, Mac: br.HardwareAddr.String(), Mtu: brMTU},
+		{Name: v.hostName, Mac: v.hostMAC.String(), Mtu: p.mtu},
+		{Name: podLink.Attrs().Name, Mac: podLink.Attrs().HardwareAddr.String(), Mtu: podLink.Attrs().MTU, Sandbox: args.Netns},
+	}
+	return newResult(ifaces, p, podAddrs, routes), nil
 }
 
 // newResult describes what ADD built: interfaces bridge, node veth and pod
 // end (index 2, which every address refers to), addresses and routes.
-func newResult(br, hostLink, podLink netlink.Link, sandbox string, p plan, podAddrs []netip.Prefix, routes []route) *current.Result {
-	res := &current.Result{CNIVersion: current.ImplementedSpecVersion}
-	for _, l := range []netlink.Link{br, hostLink, podLink} {
-		res.Interfaces = append(res.Interfaces, &current.Interface{Name: l.Attrs().Name, Mac: l.Attrs().HardwareAddr.String(), Mtu: l.Attrs().MTU})
-	}
-	res.Interfaces[2].Sandbox = sandbox
+func newResult(ifaces []*current.Interface, p plan, podAddrs []netip.Prefix, routes []route) *current.Result {
+	res := &current.Result{CNIVersion: current.ImplementedSpecVersion, Interfaces: ifaces}
 	for i, a := range podAddrs {
 		res.IPs = append(res.IPs, &current.IPConfig{Interface: current.Int(2), Address: *ipNet(a), Gateway: p.families[i].gateway.Addr().AsSlice()})
 	}
@@ -187,7 +197,7 @@ func Del(args *skel.CmdArgs) error {
 }
 
 func del(args *skel.CmdArgs, c *Config) error {
-	hostNL, err := netlink.NewHandle()
+	hostNL, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("open netlink: %w", err)
 	}
@@ -226,7 +236,7 @@ func delPodEnd(path, ifName string) error {
 	if err := checkPodNetNS(pod); err != nil {
 		return err
 	}
-	podNL, err := netlink.NewHandleAt(netns.NsHandle(pod.Fd()))
+	podNL, err := netlink.NewHandleAt(netns.NsHandle(pod.Fd()), unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("open netlink in %s: %w", path, err)
 	}
@@ -415,7 +425,7 @@ func GC(args *skel.CmdArgs) error {
 	freed, err := store.GC(c.ValidAttachments)
 	errs := []error{err}
 	if len(freed) > 0 {
-		hostNL, err := netlink.NewHandle()
+		hostNL, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 		if err != nil {
 			return cniError("GC", errors.Join(append(errs, fmt.Errorf("open netlink: %w", err))...))
 		}
@@ -532,17 +542,29 @@ func badNetNS(path, why string) error {
 }
 
 // handles opens netlink on the node (this process's netns) and in the pod.
+// Only NETLINK_ROUTE: a handle opened without families also opens XFRM and
+// netfilter sockets, each one more namespace switch for the pod's handle.
 func handles(pod ns.NetNS) (hostNL, podNL *netlink.Handle, err error) {
-	hostNL, err = netlink.NewHandle()
+	hostNL, err = netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, nil, fmt.Errorf("open netlink: %w", err)
 	}
-	podNL, err = netlink.NewHandleAt(netns.NsHandle(pod.Fd()))
+	podNL, err = netlink.NewHandleAt(netns.NsHandle(pod.Fd()), unix.NETLINK_ROUTE)
 	if err != nil {
 		hostNL.Close()
 		return nil, nil, fmt.Errorf("open netlink in %s: %w", pod.Path(), err)
 	}
 	return hostNL, podNL, nil
+}
+
+// rawSocket opens a NETLINK_ROUTE socket in the node's netns for the
+// requests the netlink library cannot build (createVeth, setHairpin).
+func rawSocket() (*nl.SocketHandle, error) {
+	s, err := nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("open netlink: %w", err)
+	}
+	return &nl.SocketHandle{Socket: s}, nil
 }
 
 // cniError gives err its CNI error code, keeping one a callee already chose.

@@ -15,17 +15,30 @@
 //	                      range 1 (IPv6): allocation resumes after it, so a
 //	                      freed address is not reused at once (round robin)
 //	lock                  flock'ed for the whole of every read-modify-write
+//	attachment-<16 hex>   loom's own addition: an empty file per attachment
+//	                      that loom reserved addresses for, named by a hash
+//	                      of container ID and ifname (see Reserve)
 //
 // Every operation takes the lock, so concurrent CNI invocations (separate
 // processes) and host-local serialize on it; reads for diagnosis take it
 // shared. Nothing is cached in memory: the files are the truth, the plugin
-// process lives for one command, and a store of a /24 is at most 254 small
-// files, read once per operation.
+// process lives for one command.
+//
+// Cost: finding what an attachment holds means reading every allocation
+// file, one per pod, so DEL, GC, CHECK and Lookup grow with the pods on the
+// node. ADD does not: it needs only the round-robin hint and one O_EXCL
+// create per range, and learns from the attachment file, without reading
+// the others, whether a retried ADD holds addresses already. host-local
+// ignores attachment files (their names are not addresses, and being empty
+// they match no owner), so a store stays readable and writable by it.
 package ipam
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net/netip"
 	"os"
@@ -34,6 +47,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultDataDir is host-local's default store root.
@@ -47,6 +62,7 @@ const DefaultLockTimeout = 30 * time.Second
 const (
 	lockName           = "lock"
 	lastReservedPrefix = "last_reserved_ip."
+	markerPrefix       = "attachment-"
 	// ownerSep separates container ID and ifname in an allocation file;
 	// host-local writes CRLF, and we write what it writes.
 	ownerSep = "\r\n"
@@ -132,9 +148,44 @@ func (s *Store) lockPath() string { return filepath.Join(s.dir, lockName) }
 
 // Allocate reserves one address in each range for att and returns them in
 // range order. It is idempotent: a range in which att already holds an
-// address yields that address. Either every range gets an address or none
-// of this call's reservations remain.
+// address yields that address, whoever wrote its file. Either every range
+// gets an address or none of this call's reservations remain.
 func (s *Store) Allocate(att Attachment, ranges []Range) ([]netip.Addr, error) {
+	r, err := s.reserve(att, ranges, true)
+	if err != nil {
+		return nil, err
+	}
+	return r.Addrs, nil
+}
+
+// Reservation is what Reserve did, so that a failing ADD can undo exactly
+// that.
+type Reservation struct {
+	// Addrs holds one address per range, in range order.
+	Addrs []netip.Addr
+
+	store  *Store
+	att    Attachment
+	fresh  []netip.Addr // reserved by this call, as opposed to held before
+	marked bool         // this call created att's attachment file
+}
+
+// Reserve is Allocate for ADD, without its cost in pods: it reads the
+// allocation files only if att's attachment file exists, that is if loom
+// reserved addresses for att before (a retried ADD), and then reuses them.
+// Otherwise it reserves with O_EXCL creates alone. The one difference from
+// Allocate: addresses that host-local (or a loom-cni older than attachment
+// files) reserved for att are not reused but kept, so att ends up holding
+// two addresses in that range until DEL frees both. That needs one
+// attachment to be set up by two plugins in turn without a DEL in
+// between, which runtimes do not do.
+func (s *Store) Reserve(att Attachment, ranges []Range) (*Reservation, error) {
+	return s.reserve(att, ranges, false)
+}
+
+// reserve is Allocate and Reserve; scan forces the read of every
+// allocation file.
+func (s *Store) reserve(att Attachment, ranges []Range, scan bool) (*Reservation, error) {
 	if err := att.validate(); err != nil {
 		return nil, err
 	}
@@ -152,33 +203,89 @@ func (s *Store) Allocate(att Attachment, ranges []Range) ([]netip.Addr, error) {
 	}
 	defer unlock()
 
-	allocs, err := s.readLocked()
-	if err != nil {
-		return nil, err
+	marker := filepath.Join(s.dir, markerName(att))
+	_, err = os.Lstat(marker)
+	hasMarker := err == nil
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("look for the attachment file of %s/%s: %w", att.ContainerID, att.IfName, err)
 	}
-	out := make([]netip.Addr, len(ranges))
-	var fresh []netip.Addr
+	var allocs []Allocation
+	if scan || hasMarker {
+		if allocs, err = s.readLocked(); err != nil {
+			return nil, err
+		}
+	}
+	res := &Reservation{Addrs: make([]netip.Addr, len(ranges)), store: s, att: att}
 	for i, r := range ranges {
 		if j := slices.IndexFunc(allocs, func(al Allocation) bool { return al.owns(att) && r.Contains(al.IP) }); j >= 0 {
-			out[i] = allocs[j].IP
+			res.Addrs[i] = allocs[j].IP
 			continue
+		}
+		// The attachment file comes before the first address file, so
+		// that every address loom reserves for att is found by a retry,
+		// also after a crash between the two.
+		if !hasMarker {
+			if err := os.WriteFile(marker, nil, 0o600); err != nil {
+				err = fmt.Errorf("create the attachment file of %s/%s: %w", att.ContainerID, att.IfName, err)
+				return nil, errors.Join(err, res.undoLocked())
+			}
+			hasMarker, res.marked = true, true
 		}
 		a, err := s.reserveLocked(i, r, att, allocs)
 		if err != nil {
-			for _, f := range fresh {
-				os.Remove(s.ipPath(f)) // best effort: the error below is what matters
-			}
-			return nil, err
+			return nil, errors.Join(err, res.undoLocked())
 		}
-		fresh = append(fresh, a)
-		out[i] = a
+		res.fresh = append(res.fresh, a)
+		res.Addrs[i] = a
 	}
-	return out, nil
+	return res, nil
+}
+
+// Undo frees the addresses this reservation made (not those att held
+// before) and the attachment file it created: the rollback of a failed ADD.
+func (r *Reservation) Undo() error {
+	if len(r.fresh) == 0 && !r.marked {
+		return nil
+	}
+	unlock, err := r.store.lockFile(syscall.LOCK_EX, true)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return r.undoLocked()
+}
+
+func (r *Reservation) undoLocked() error {
+	var errs []error
+	for _, a := range r.fresh {
+		if err := os.Remove(r.store.ipPath(a)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("free %s: %w", a, err))
+		}
+	}
+	r.fresh = nil
+	if r.marked {
+		if err := os.Remove(filepath.Join(r.store.dir, markerName(r.att))); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove the attachment file of %s/%s: %w", r.att.ContainerID, r.att.IfName, err))
+		}
+		r.marked = false
+	}
+	return errors.Join(errs...)
+}
+
+// markerName is the name of att's attachment file. A hash, because a
+// container ID may be longer than a file name and hold any character; 64
+// bits make a collision between two of a node's attachments impossible in
+// practice, and one would only make an ADD read the allocation files.
+func markerName(att Attachment) string {
+	sum := sha256.Sum256([]byte(strings.TrimSpace(att.ContainerID) + "\x00" + att.IfName))
+	return markerPrefix + hex.EncodeToString(sum[:8])
 }
 
 // reserveLocked picks the first free address after the range's last
 // reserved one, wrapping around (host-local's round robin), and claims its
-// file with O_EXCL.
+// file with O_EXCL. allocs is every allocation when the caller read them,
+// nil when it did not: then O_EXCL alone tells used addresses, which after
+// the round-robin hint is usually the first one tried.
 func (s *Store) reserveLocked(idx int, r Range, att Attachment, allocs []Allocation) (netip.Addr, error) {
 	used := make(map[netip.Addr]bool)
 	for _, al := range allocs {
@@ -197,7 +304,8 @@ func (s *Store) reserveLocked(idx int, r Range, att Attachment, allocs []Allocat
 		return r.first()
 	}
 	start := r.first()
-	if last, ok := s.lastReservedLocked(idx); ok && r.Subnet.Contains(last) {
+	last, hintLen := s.lastReservedLocked(idx)
+	if last.IsValid() && r.Subnet.Contains(last) {
 		start = next(last)
 	}
 	// Every address we skip is a used one (or the gateway), so with fewer
@@ -206,7 +314,7 @@ func (s *Store) reserveLocked(idx int, r Range, att Attachment, allocs []Allocat
 		if r.Contains(a) && !used[a] {
 			err := s.writeOwner(a, att)
 			if err == nil {
-				if err := os.WriteFile(filepath.Join(s.dir, fmt.Sprintf("%s%d", lastReservedPrefix, idx)), []byte(a.String()), 0o600); err != nil {
+				if err := s.writeLastReserved(idx, a, hintLen); err != nil {
 					os.Remove(s.ipPath(a))
 					return netip.Addr{}, fmt.Errorf("record last reserved address of range %s: %w", r, err)
 				}
@@ -239,13 +347,71 @@ func (s *Store) writeOwner(a netip.Addr, att Attachment) error {
 	return nil
 }
 
-func (s *Store) lastReservedLocked(idx int) (netip.Addr, bool) {
-	data, err := os.ReadFile(filepath.Join(s.dir, fmt.Sprintf("%s%d", lastReservedPrefix, idx)))
+func (s *Store) lastReservedPath(idx int) string {
+	return filepath.Join(s.dir, fmt.Sprintf("%s%d", lastReservedPrefix, idx))
+}
+
+// writeLastReserved records a as range idx's last reserved address, over a
+// hint of oldLen bytes. It overwrites the file in place, and cuts it to
+// length only when the new address is shorter, instead of truncating it to
+// zero first: every change to the file's size or times is an ext4 journal
+// transaction, which waits while the journal commits (other tenants' disk
+// writes make that a millisecond), and ext4 also starts writeback of a
+// file that was truncated to zero and rewritten as soon as it is closed
+// (auto_da_alloc, meant for editors that replace files without fsync).
+// Nothing needs the hint durable: a torn or lost one (crash mid-write)
+// only costs the round robin, like any unreadable hint.
+func (s *Store) writeLastReserved(idx int, a netip.Addr, oldLen int) error {
+	f, err := os.OpenFile(s.lastReservedPath(idx), os.O_WRONLY|os.O_CREATE, 0o600)
 	if err != nil {
-		return netip.Addr{}, false // a missing or unreadable hint only costs the round robin
+		return err
+	}
+	content := a.String()
+	_, err = f.WriteAt([]byte(content), 0)
+	if err == nil && len(content) < oldLen {
+		err = f.Truncate(int64(len(content)))
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// maxHintLen bounds the read of a hint: no address is longer as text, so a
+// longer file is unreadable anyway.
+const maxHintLen = 64
+
+// lastReservedLocked returns range idx's last reserved address (the zero
+// Addr if there is none or it is unreadable, which only costs the round
+// robin) and the hint file's length in bytes. It reads with O_NOATIME: the
+// file was written by the previous reservation, so a plain read would
+// update its access time (relatime), one more journal transaction per ADD.
+func (s *Store) lastReservedLocked(idx int) (netip.Addr, int) {
+	f, err := openNoATime(s.lastReservedPath(idx))
+	if err != nil {
+		return netip.Addr{}, 0
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxHintLen+1))
+	if err != nil {
+		return netip.Addr{}, len(data)
 	}
 	a, err := netip.ParseAddr(strings.TrimSpace(string(data)))
-	return a.Unmap(), err == nil
+	if err != nil {
+		return netip.Addr{}, len(data)
+	}
+	return a.Unmap(), len(data)
+}
+
+// openNoATime opens path for reading without updating its access time,
+// falling back to a plain open where O_NOATIME is not allowed (a file of
+// another owner, without CAP_FOWNER).
+func openNoATime(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOATIME, 0)
+	if errors.Is(err, syscall.EPERM) {
+		return os.Open(path)
+	}
+	return f, err
 }
 
 func (s *Store) ipPath(a netip.Addr) string { return filepath.Join(s.dir, a.String()) }
@@ -265,14 +431,15 @@ func (s *Store) Lookup(att Attachment) ([]netip.Addr, error) {
 	return out, nil
 }
 
-// Release frees every address att holds and returns them. Releasing an
-// attachment that holds nothing, or a store that was never created, is not
-// an error: DEL must be idempotent.
+// Release frees every address att holds, and its attachment file, and
+// returns the addresses. Releasing an attachment that holds nothing, or a
+// store that was never created, is not an error: DEL must be idempotent.
 func (s *Store) Release(att Attachment) ([]netip.Addr, error) {
 	if err := att.validate(); err != nil {
 		return nil, err
 	}
-	freed, err := s.removeWhere(func(al Allocation) bool { return al.owns(att) })
+	marker := markerName(att)
+	freed, err := s.removeWhere(func(al Allocation) bool { return al.owns(att) }, func(name string) bool { return name == marker })
 	addrs := make([]netip.Addr, len(freed))
 	for i, al := range freed {
 		addrs[i] = al.IP
@@ -280,16 +447,24 @@ func (s *Store) Release(att Attachment) ([]netip.Addr, error) {
 	return addrs, err
 }
 
-// GC frees every allocation whose owner is not in valid and returns what it
-// freed. A file that cannot be removed does not stop the sweep; its error
-// is reported with the others.
+// GC frees every allocation whose owner is not in valid, and the
+// attachment files of attachments not in valid, and returns the freed
+// allocations. A file that cannot be removed does not stop the sweep; its
+// error is reported with the others.
 func (s *Store) GC(valid []Attachment) ([]Allocation, error) {
+	keep := make(map[string]bool, len(valid))
+	for _, a := range valid {
+		keep[markerName(a)] = true
+	}
 	return s.removeWhere(func(al Allocation) bool {
 		return !slices.ContainsFunc(valid, al.owns)
-	})
+	}, func(name string) bool { return !keep[name] })
 }
 
-func (s *Store) removeWhere(drop func(Allocation) bool) ([]Allocation, error) {
+// removeWhere removes the allocations drop selects, then the attachment
+// files dropMarker selects by name: in that order, so that a failure
+// half-way leaves an attachment file for every address that is left.
+func (s *Store) removeWhere(drop func(Allocation) bool, dropMarker func(name string) bool) ([]Allocation, error) {
 	if _, err := os.Stat(s.dir); errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -298,7 +473,7 @@ func (s *Store) removeWhere(drop func(Allocation) bool) ([]Allocation, error) {
 		return nil, err
 	}
 	defer unlock()
-	allocs, err := s.readLocked()
+	allocs, markers, err := s.scanLocked()
 	if err != nil {
 		return nil, err
 	}
@@ -313,6 +488,16 @@ func (s *Store) removeWhere(drop func(Allocation) bool) ([]Allocation, error) {
 			continue
 		}
 		freed = append(freed, al)
+	}
+	if len(errs) == 0 {
+		for _, m := range markers {
+			if !dropMarker(m) {
+				continue
+			}
+			if err := os.Remove(filepath.Join(s.dir, m)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("remove attachment file %s: %w", m, err))
+			}
+		}
 	}
 	return freed, errors.Join(errs...)
 }
@@ -364,30 +549,93 @@ func (s *Store) Usage(ranges []Range) ([]RangeUsage, error) {
 }
 
 // readLocked reads every allocation file. Names that are not addresses
-// (lock, last_reserved_ip.N, anything else) are not allocations.
+// (lock, last_reserved_ip.N, attachment files, anything else) are not
+// allocations.
 func (s *Store) readLocked() ([]Allocation, error) {
-	entries, err := os.ReadDir(s.dir)
+	allocs, _, err := s.scanLocked()
+	return allocs, err
+}
+
+// scanLocked reads every allocation file and lists the attachment files.
+//
+// This is the part of DEL and GC that grows with the number of pods (one
+// file each), so the files are read relative to the directory with bare
+// openat, read and close: os.ReadFile spends ten system calls per file (a
+// stat for the size, and a poller registration it tries and undoes), which
+// at 200 pods made a scan take milliseconds.
+func (s *Store) scanLocked() (allocs []Allocation, markers []string, err error) {
+	dir, err := os.Open(s.dir)
 	if err != nil {
-		return nil, fmt.Errorf("read IPAM store: %w", err)
+		return nil, nil, fmt.Errorf("read IPAM store: %w", err)
 	}
-	var out []Allocation
+	defer dir.Close()
+	entries, err := dir.ReadDir(-1)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read IPAM store: %w", err)
+	}
+	dirfd := int(dir.Fd())
+	buf := make([]byte, 0, 512)
 	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), markerPrefix) {
+			markers = append(markers, e.Name())
+			continue
+		}
 		a, err := netip.ParseAddr(e.Name())
 		if err != nil || !e.Type().IsRegular() {
 			continue
 		}
-		data, err := os.ReadFile(filepath.Join(s.dir, e.Name()))
+		buf, err = readFileAt(dirfd, e.Name(), buf[:0])
 		if errors.Is(err, fs.ErrNotExist) {
 			continue // released by a writer that ignores the lock
 		}
 		if err != nil {
-			return nil, fmt.Errorf("read allocation %s: %w", e.Name(), err)
+			return nil, nil, fmt.Errorf("read allocation %s: %w", e.Name(), err)
 		}
-		id, ifname := parseOwner(string(data))
-		out = append(out, Allocation{IP: a.Unmap(), ContainerID: id, IfName: ifname})
+		id, ifname := parseOwner(string(buf))
+		allocs = append(allocs, Allocation{IP: a.Unmap(), ContainerID: id, IfName: ifname})
 	}
-	slices.SortFunc(out, func(x, y Allocation) int { return x.IP.Compare(y.IP) })
-	return out, nil
+	slices.SortFunc(allocs, func(x, y Allocation) int { return x.IP.Compare(y.IP) })
+	return allocs, markers, nil
+}
+
+// readFileAt appends the content of the file name in the directory dirfd
+// to buf.
+func readFileAt(dirfd int, name string, buf []byte) ([]byte, error) {
+	// O_NOATIME: a scan reads every file, and an access time update of a
+	// file read for the first time since it was written (relatime) is a
+	// journal transaction.
+	fd, err := retryEINTR(func() (int, error) {
+		return unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOATIME, 0)
+	})
+	if errors.Is(err, unix.EPERM) {
+		fd, err = retryEINTR(func() (int, error) { return unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_CLOEXEC, 0) })
+	}
+	if err != nil {
+		return buf, err
+	}
+	defer unix.Close(fd)
+	for {
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, cap(buf))
+		}
+		n, err := retryEINTR(func() (int, error) { return unix.Read(fd, buf[len(buf):cap(buf)]) })
+		if err != nil {
+			return buf, err
+		}
+		if n == 0 {
+			return buf, nil
+		}
+		buf = buf[:len(buf)+n]
+	}
+}
+
+func retryEINTR(f func() (int, error)) (int, error) {
+	for {
+		n, err := f()
+		if !errors.Is(err, unix.EINTR) {
+			return n, err
+		}
+	}
 }
 
 // parseOwner splits "<id>\r\n<ifname>" (or a bare "<id>" from old

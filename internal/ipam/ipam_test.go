@@ -109,11 +109,12 @@ func TestAllocateHostLocalLayout(t *testing.T) {
 		t.Fatalf("Allocate = %v, want %v", got, want)
 	}
 	files := map[string]string{
-		"10.244.1.2":         "c1\r\neth0",
-		"fc00:0:0:1::2":      "c1\r\neth0",
-		"last_reserved_ip.0": "10.244.1.2",
-		"last_reserved_ip.1": "fc00:0:0:1::2",
-		"lock":               "",
+		"10.244.1.2":          "c1\r\neth0",
+		"fc00:0:0:1::2":       "c1\r\neth0",
+		"last_reserved_ip.0":  "10.244.1.2",
+		"last_reserved_ip.1":  "fc00:0:0:1::2",
+		"lock":                "",
+		markerName(att("c1")): "", // loom's addition, invisible to host-local
 	}
 	entries, err := os.ReadDir(s.Dir())
 	if err != nil {
@@ -155,6 +156,101 @@ func TestAllocateIdempotent(t *testing.T) {
 	}
 }
 
+// Reserve (ADD) reads no allocation file unless the attachment's file says
+// loom reserved for it before; Allocate always reads them. The difference
+// shows with an address host-local reserved for the attachment.
+func TestReserve(t *testing.T) {
+	s := newStore(t)
+	mustAllocate(t, s, att("other"), v4())
+	hostLocal := netip.MustParseAddr("10.244.1.50")
+	if err := os.WriteFile(filepath.Join(s.Dir(), hostLocal.String()), []byte("c1\r\neth0"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	first, err := s.Reserve(att("c1"), []Range{v4()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := first.Addrs[0]; got == hostLocal || got == netip.MustParseAddr("10.244.1.2") {
+		t.Fatalf("Reserve got %v, want a fresh address (host-local's %v is not looked for)", got, hostLocal)
+	}
+	// A retry finds the attachment file, reads the allocations, and
+	// reuses what c1 holds, in whichever range.
+	again, err := s.Reserve(att("c1"), []Range{v4(), v6()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.Addrs[0] != hostLocal && again.Addrs[0] != first.Addrs[0] || !v6().Contains(again.Addrs[1]) {
+		t.Fatalf("retried Reserve got %v, want c1's IPv4 address and a new IPv6 one", again.Addrs)
+	}
+	// Undo of the retry frees only what the retry reserved, and keeps the
+	// attachment file, which the first call made.
+	if err := again.Undo(); err != nil {
+		t.Fatal(err)
+	}
+	held, err := s.Lookup(att("c1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []netip.Addr{first.Addrs[0], hostLocal}; !slices.Equal(held, want) {
+		t.Fatalf("after undoing the retry c1 holds %v, want %v", held, want)
+	}
+	if _, err := os.Stat(filepath.Join(s.Dir(), markerName(att("c1")))); err != nil {
+		t.Fatalf("undoing the retry removed the first call's attachment file: %v", err)
+	}
+	// Undo of the first frees its address and the attachment file.
+	if err := first.Undo(); err != nil {
+		t.Fatal(err)
+	}
+	if held, _ := s.Lookup(att("c1")); !slices.Equal(held, []netip.Addr{hostLocal}) {
+		t.Fatalf("after undoing both c1 holds %v, want only host-local's %v", held, hostLocal)
+	}
+	if got := storeFiles(t, s); slices.Contains(got, markerName(att("c1"))) {
+		t.Fatalf("undo left c1's attachment file: %v", got)
+	}
+}
+
+// A crash between the attachment file and the address file leaves an
+// attachment file alone; it costs the next ADD a read of the allocations,
+// and DEL and GC remove it.
+func TestAttachmentFileCleanup(t *testing.T) {
+	s := newStore(t)
+	mustAllocate(t, s, att("live"), v4())
+	for _, id := range []string{"crashed", "gone"} {
+		if err := os.WriteFile(filepath.Join(s.Dir(), markerName(att(id))), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, err := s.Reserve(att("crashed"), []Range{v4()})
+	if err != nil || !v4().Contains(r.Addrs[0]) {
+		t.Fatalf("Reserve after a crash = %v, %v", r, err)
+	}
+	if freed, err := s.Release(att("crashed")); err != nil || !slices.Equal(freed, r.Addrs) {
+		t.Fatalf("Release = %v, %v; want %v", freed, err, r.Addrs)
+	}
+	if _, err := s.GC([]Attachment{att("live")}); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"10.244.1.2", "last_reserved_ip.0", "lock", markerName(att("live"))}
+	slices.Sort(want)
+	if got := storeFiles(t, s); !slices.Equal(got, want) {
+		t.Fatalf("after DEL and GC the store holds %v, want %v", got, want)
+	}
+}
+
+func storeFiles(t *testing.T, s *Store) []string {
+	t.Helper()
+	entries, err := os.ReadDir(s.Dir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
 func TestAllocateRoundRobin(t *testing.T) {
 	s := newStore(t)
 	a := mustAllocate(t, s, att("c1"), v4())[0]
@@ -172,6 +268,11 @@ func TestAllocateRoundRobin(t *testing.T) {
 	c := mustAllocate(t, s, att("c3"), v4())[0]
 	if want := netip.MustParseAddr("10.244.1.2"); c != want {
 		t.Fatalf("after .254 the next ADD got %v, want %v", c, want)
+	}
+	// The hint, rewritten in place, is cut to the shorter address:
+	// host-local parses it without trimming.
+	if data, err := os.ReadFile(filepath.Join(s.Dir(), "last_reserved_ip.0")); err != nil || string(data) != "10.244.1.2" {
+		t.Fatalf("last_reserved_ip.0 holds %q, %v; want \"10.244.1.2\"", data, err)
 	}
 }
 

@@ -31,9 +31,21 @@ func helperAllocate(dir string) error {
 	if err != nil {
 		return err
 	}
+	id, err := strconv.Atoi(os.Getenv("LOOM_IPAM_HELPER_ID"))
+	if err != nil {
+		return fmt.Errorf("LOOM_IPAM_HELPER_ID: %w", err)
+	}
 	for i := range n {
-		a := att(fmt.Sprintf("p%s-c%d", os.Getenv("LOOM_IPAM_HELPER_ID"), i))
-		if _, err := s.Allocate(a, []Range{v4(), v6()}); err != nil {
+		a := att(fmt.Sprintf("p%d-c%d", id, i))
+		// Half the helpers reserve as ADD does (O_EXCL alone), half as
+		// Allocate does (after reading every allocation), so that both
+		// meet each other and host-local-like writers.
+		if id%2 == 0 {
+			_, err = s.Allocate(a, []Range{v4(), v6()})
+		} else {
+			_, err = s.Reserve(a, []Range{v4(), v6()})
+		}
+		if err != nil {
 			return fmt.Errorf("allocate %v: %w", a, err)
 		}
 	}

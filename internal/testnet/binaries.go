@@ -8,6 +8,11 @@ import (
 	"testing"
 )
 
+// StaticCNI is the build environment of loom-cni (as the Makefile and the
+// Dockerfile build it): a static binary skips the dynamic loader and cgo's
+// thread start, about 1 ms of every pod ADD and 3 ms of every DEL (#8).
+const StaticCNI = "CGO_ENABLED=0"
+
 // MainWithBinaries is a TestMain for packages whose tests run the real loom
 // and loom-cni binaries (the lab, the bench): as root it builds both into a
 // temporary directory, passes it to setDir, runs the tests and removes it.
@@ -22,7 +27,11 @@ func MainWithBinaries(m *testing.M, setDir func(string)) int {
 	}
 	defer os.RemoveAll(dir)
 	for _, pkg := range []string{"loom", "loom-cni"} {
-		out, err := exec.Command("go", "build", "-o", filepath.Join(dir, pkg), "github.com/loomnet/loom/cmd/"+pkg).CombinedOutput()
+		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, pkg), "github.com/loomnet/loom/cmd/"+pkg)
+		if pkg == "loom-cni" {
+			cmd.Env = append(os.Environ(), StaticCNI)
+		}
+		out, err := cmd.CombinedOutput()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, out)
 			return 1
