@@ -246,10 +246,10 @@ func (n *Network) Handle(events []lease.Event) {
 	n.mu.Lock()
 	for _, ev := range events {
 		l := ev.Lease
+		// A lease that looks like this node's is kept too (plan leaves
+		// it out): another node may hold this node's old subnet by the
+		// time SetLocal moves this node to a new one.
 		id := l.Key()
-		if n.isLocalLocked(l) {
-			continue
-		}
 		if old, ok := n.peers[id]; ok {
 			keys = append(keys, routeKeys(old)...)
 		}
@@ -273,10 +273,6 @@ func (n *Network) Handle(events []lease.Event) {
 	n.gen++
 	n.mu.Unlock()
 	n.routes.Trigger(keys...)
-}
-
-func (n *Network) isLocalLocked(l lease.Lease) bool {
-	return n.local != nil && isSelf(*n.local, l)
 }
 
 func isSelf(local, l lease.Lease) bool {
@@ -362,7 +358,9 @@ func (n *Network) desired(h *netlink.Handle) (*reconcile.State[routes.Key, route
 	gen, local := n.gen, *n.local
 	peers := make([]lease.Lease, 0, len(n.peers))
 	for _, p := range n.peers {
-		peers = append(peers, p)
+		if !isSelf(local, p) { // not a peer, not counted
+			peers = append(peers, p)
+		}
 	}
 	n.mu.Unlock()
 

@@ -445,10 +445,13 @@ func (n *Network) Handle(events []lease.Event) {
 	var ks keys
 	n.mu.Lock()
 	for i, ev := range events {
-		l, id := ev.Lease, ps[i].key
-		if n.local != nil && isSelf(*n.local, l) {
-			continue
-		}
+		// A lease under this node's own key or name is kept too; plan
+		// leaves it out while it is this node's. After a partition longer
+		// than the TTL another node may take this node's old subnet while
+		// this node moves to a new one: that lease arrives while it still
+		// looks like ours and must be programmed once SetLocal says
+		// otherwise.
+		id := ps[i].key
 		if old, ok := n.peers[id]; ok {
 			ks.add(n.fams, old)
 		}

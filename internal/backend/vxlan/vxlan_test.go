@@ -883,3 +883,38 @@ func TestVXLANIPv6Underlay(t *testing.T) {
 	}
 	checkPods(t, nodes[0], nodes[1], v6)
 }
+
+// After a partition longer than the lease TTL, another node takes this
+// node's old subnet and this node a new one. The other node's lease can
+// arrive while this node still holds that subnet: it is not programmed
+// then (it looks like our own), and must be as soon as this node moves.
+func TestVXLANPeerTakesOurOldSubnet(t *testing.T) {
+	nstest.NoLeaks(t)
+	n1 := topology(t, 1, false)[0]
+	nw := n1.newNetwork(t, fams{v4: true}, `{"Type":"vxlan"}`, time.Hour, &nstest.LogBuffer{}, prometheus.NewPedanticRegistry())
+	own := n1.lease(fams{v4: true}, nw)
+	nw.SetLocal(own)
+	run(t, nw)
+	nstest.Eventually(t, within, "Network ready", nw.Ready)
+
+	taker := v4only(node(3))
+	taker.Subnet = own.Subnet
+	nw.Handle(added(taker))
+	time.Sleep(200 * time.Millisecond) // the partial sync Handle asked for
+	if r, ok := kernelRoute(t, n1.h, own.Subnet); ok && r.Protocol == routes.Protocol {
+		t.Fatalf("a loom route to the subnet this node still holds: %+v", r)
+	}
+
+	moved := own
+	moved.Subnet = netip.MustParsePrefix("10.244.132.0/24")
+	nw.SetLocal(moved)
+	// Neighbour and FDB entry; the route waits for the old subnet's
+	// connected route (cni0's, here the topology's) to go, as the agent's
+	// SUBNET CHANGED error tells the operator.
+	mac := VtepMAC("n3", "flannel.1")
+	nstest.Eventually(t, within, "the taker's neighbour and FDB entries after this node moved", func() bool {
+		n, okN := kernelNeigh(t, n1.h, "flannel.1", own.Subnet.Addr())
+		f, okF := kernelFDB(t, n1.h, "flannel.1", mac)
+		return okN && okF && n.HardwareAddr.String() == mac.String() && f.IP.Equal(taker.Attrs.PublicIP.AsSlice())
+	})
+}
