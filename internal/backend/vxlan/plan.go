@@ -280,7 +280,3 @@ func planPeers(local lease.Lease, peers []peer, w world) desired {
 	}
 	return d
 }
-
-func isSelf(local, l lease.Lease) bool {
-	return l.Key() == local.Key() || (l.Attrs.NodeName != "" && l.Attrs.NodeName == local.Attrs.NodeName)
-}
