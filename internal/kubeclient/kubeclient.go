@@ -44,6 +44,8 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/loomnet/loom/internal/reach"
 )
 
 // Defaults of Config.
@@ -101,7 +103,7 @@ type Client struct {
 	core   *rest.RESTClient       // /api/v1
 	params runtime.ParameterCodec // ListOptions and friends to query parameters
 
-	reach reachability
+	reach reach.State
 
 	ctx  context.Context // lives until Close: informers and the monitor run in it
 	stop context.CancelFunc

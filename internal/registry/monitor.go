@@ -13,11 +13,9 @@ package registry
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -39,38 +37,15 @@ const (
 // metrics are the registry's collectors. They exist whether or not
 // Config.Metrics is set, so code never checks for nil.
 type metrics struct {
-	reachable   prometheus.GaugeFunc
-	lastContact prometheus.GaugeFunc
-	expiresIn   prometheus.GaugeFunc
-	reacquired  *prometheus.CounterVec
-	skipped     *prometheus.CounterVec
+	reach      []prometheus.Collector // loom_store_reachable, loom_store_last_contact_timestamp_seconds
+	expiresIn  prometheus.GaugeFunc
+	reacquired *prometheus.CounterVec
+	skipped    *prometheus.CounterVec
 }
 
 func (r *Registry) newMetrics() *metrics {
 	m := &metrics{
-		reachable: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "loom_store_reachable",
-			Help: "1 while the store answers reads (checked every 5 s by default), 0 while it does not; -1 before the first check. The data path does not depend on it.",
-		}, func() float64 {
-			ok, known, _, _ := r.reach.get()
-			switch {
-			case !known:
-				return -1
-			case ok:
-				return 1
-			}
-			return 0
-		}),
-		lastContact: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "loom_store_last_contact_timestamp_seconds",
-			Help: "Unix time of the last successful read of the store by the reachability check; 0 before the first.",
-		}, func() float64 {
-			_, _, last, _ := r.reach.get()
-			if last.IsZero() {
-				return 0
-			}
-			return float64(last.UnixNano()) / 1e9
-		}),
+		reach: r.reach.Gauges("etcd, a read of its revision every 5 s by default"),
 		expiresIn: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "loom_lease_expires_in_seconds",
 			Help: "Seconds until the held subnet lease's etcd lease runs out unless renewed (keep-alive renews it at a third of the TTL); +Inf for a reservation; 0 while no lease is held.",
@@ -103,7 +78,7 @@ func (r *Registry) newMetrics() *metrics {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.reachable, m.lastContact, m.expiresIn, m.reacquired, m.skipped}
+	return append(m.reach, m.expiresIn, m.reacquired, m.skipped)
 }
 
 // register adds the collectors to reg.
@@ -116,54 +91,9 @@ func (m *metrics) register(reg prometheus.Registerer) error {
 	return nil
 }
 
-// reachability is what the monitor last found.
-type reachability struct {
-	mu      sync.Mutex // guards the fields below
-	known   bool       // at least one check done
-	ok      bool
-	last    time.Time // last successful check
-	lostAt  time.Time // when ok last turned false
-	lastErr string
-}
-
-func (s *reachability) get() (ok, known bool, last time.Time, lastErr string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ok, s.known, s.last, s.lastErr
-}
-
-// set records a check's outcome and returns what changed: lost is true on
-// the first failure after success (or at the start), back is the length
-// of the outage that just ended (0 if none ended).
-func (s *reachability) set(now time.Time, err error) (lost bool, back time.Duration) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	wasKnown, wasOK := s.known, s.ok
-	s.known = true
-	if err == nil {
-		s.ok, s.last, s.lastErr = true, now, ""
-		if wasKnown && !wasOK {
-			back = now.Sub(s.lostAt)
-		}
-		return false, back
-	}
-	s.ok, s.lastErr = false, err.Error()
-	if !wasKnown || wasOK {
-		s.lostAt = now
-		return true, 0
-	}
-	return false, 0
-}
-
 // Reachable reports whether the last reachability check of the store
 // succeeded, and the error of the last failed one.
-func (r *Registry) Reachable() (bool, error) {
-	ok, _, _, lastErr := r.reach.get()
-	if ok || lastErr == "" {
-		return ok, nil
-	}
-	return false, errors.New(lastErr)
-}
+func (r *Registry) Reachable() (bool, error) { return r.reach.Reachable() }
 
 // monitor checks the store every r.monitorEvery until ctx is done.
 func (r *Registry) monitor(ctx context.Context) {
@@ -191,7 +121,7 @@ func (r *Registry) checkReachable(ctx context.Context) {
 	if err != nil {
 		err = r.explain(ctx, err)
 	}
-	lost, back := r.reach.set(time.Now(), err)
+	lost, back := r.reach.Set(time.Now(), err)
 	switch {
 	case lost:
 		r.log.Warn("store unreachable: keeping the data path and the subnet lease as they are, retrying with backoff",

@@ -46,6 +46,7 @@ import (
 
 	"github.com/loomnet/loom/internal/lease"
 	"github.com/loomnet/loom/internal/netconf"
+	"github.com/loomnet/loom/internal/reach"
 	"github.com/loomnet/loom/internal/storeserver/zapslog"
 )
 
@@ -113,7 +114,7 @@ type Registry struct {
 
 	tls     *tls.Config // nil without TLS; for explaining handshake failures
 	metrics *metrics
-	reach   reachability
+	reach   reach.State
 	stop    context.CancelFunc // stops the monitor
 	stopped chan struct{}      // closed when the monitor has returned
 
