@@ -494,7 +494,11 @@ func (a *agent) deliver(events []lease.Event) {
 	a.mu.Unlock()
 	peers := events[:0:0]
 	for _, e := range events {
-		if e.Lease.Subnet == own.Subnet && e.Lease.IPv6Subnet == own.IPv6Subnet {
+		// Only this node's own lease is left out. Another node's lease
+		// for the subnet this node holds means this node lost it (a
+		// partition longer than the TTL) and is about to move: the
+		// backend keeps it and programs it once SetLocal moves this node.
+		if e.Lease.Subnet == own.Subnet && e.Lease.IPv6Subnet == own.IPv6Subnet && e.Lease.Attrs.NodeName == own.Attrs.NodeName {
 			continue
 		}
 		switch e.Type {
