@@ -115,7 +115,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 
 	metrics := prometheus.NewRegistry()
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	a := &agent{opts: opts, subnetFile: opts.SubnetFile, log: log, known: map[string]bool{}}
+	a := &agent{opts: opts, subnetFile: opts.SubnetFile, log: log, known: map[string]lease.Lease{}}
 	a.registerMetrics(metrics)
 	checks := &health.Checks{}
 	checks.Add("lease", func(context.Context) error { return a.leaseReady() })
@@ -308,7 +308,7 @@ type agent struct {
 	// subnetFile is -subnet-file, for the readiness check.
 	subnetFile string
 
-	mu  sync.Mutex  // guards own, subnets, pending, fw and fwAddrs
+	mu  sync.Mutex  // guards own, known, subnets, pending, fw and fwAddrs
 	own lease.Lease // the lease this node holds
 	// fw is the firewall once its set-up is done (runFirewall), nil
 	// before; fwAddrs what it must program, nil before the first lease.
@@ -320,12 +320,13 @@ type agent struct {
 	// (the etcd network config not there yet); nil otherwise.
 	pending error
 
-	subnetWrote atomic.Bool
-	peers       atomic.Int64 // peer leases handed to the backend, for metrics
+	// known holds every lease the registry reported, by key, this
+	// node's own included: the watch can report a new own lease before
+	// setLease records it, so which one is this node's is decided only
+	// when counting (peerCount), never when storing.
+	known map[string]lease.Lease
 
-	// known holds the peer leases handed to the backend, by key. Touched
-	// only by deliver, which the registry calls from one goroutine.
-	known map[string]bool
+	subnetWrote atomic.Bool
 }
 
 // setLease records a (new) own lease: the backend must never route to it,
@@ -491,6 +492,14 @@ func (a *agent) deliver(events []lease.Event) {
 	events = a.guard.Filter(events)
 	a.mu.Lock()
 	own := a.own
+	for _, e := range events {
+		switch e.Type {
+		case lease.Added:
+			a.known[e.Lease.Key()] = e.Lease
+		case lease.Removed:
+			delete(a.known, e.Lease.Key())
+		}
+	}
 	a.mu.Unlock()
 	peers := events[:0:0]
 	for _, e := range events {
@@ -498,30 +507,46 @@ func (a *agent) deliver(events []lease.Event) {
 		// for the subnet this node holds means this node lost it (a
 		// partition longer than the TTL) and is about to move: the
 		// backend keeps it and programs it once SetLocal moves this node.
-		if e.Lease.Subnet == own.Subnet && e.Lease.IPv6Subnet == own.IPv6Subnet && e.Lease.Attrs.NodeName == own.Attrs.NodeName {
+		if isOwn(e.Lease, own) {
 			continue
 		}
 		switch e.Type {
 		case lease.Added:
 			a.log.Debug("peer", "event", e.Type, "lease", e.Lease.String(), "public-ip", e.Lease.Attrs.PublicIP)
-			a.known[e.Lease.Key()] = true
 		case lease.Removed:
 			a.log.Info("peer gone", "lease", e.Lease.String())
-			delete(a.known, e.Lease.Key())
 		}
 		peers = append(peers, e)
 	}
-	a.peers.Store(int64(len(a.known)))
 	if len(peers) > 0 {
 		a.be.Handle(peers)
 	}
 }
 
+// isOwn says whether l is own, the lease this node holds: the same
+// subnets claimed by the same node.
+func isOwn(l, own lease.Lease) bool {
+	return l.Subnet == own.Subnet && l.IPv6Subnet == own.IPv6Subnet && l.Attrs.NodeName == own.Attrs.NodeName
+}
+
+// peerCount is how many leases of other nodes the registry holds now.
+func (a *agent) peerCount() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for _, l := range a.known {
+		if !isOwn(l, a.own) {
+			n++
+		}
+	}
+	return n
+}
+
 func (a *agent) registerMetrics(reg *prometheus.Registry) {
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "loom_peers",
-		Help: "Peer leases known from the registry and handed to the backend.",
-	}, func() float64 { return float64(a.peers.Load()) }))
+		Help: "Leases of other nodes the registry holds, each handed to the backend.",
+	}, func() float64 { return float64(a.peerCount()) }))
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "loom_lease_held",
 		Help: "1 while this node holds a subnet lease.",
