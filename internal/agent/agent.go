@@ -115,7 +115,7 @@ func Run(ctx context.Context, opts options.Options, log *slog.Logger) error {
 
 	metrics := prometheus.NewRegistry()
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	a := &agent{opts: opts, subnetFile: opts.SubnetFile, log: log, known: map[string]lease.Lease{}}
+	a := &agent{opts: opts, subnetFile: opts.SubnetFile, log: log, known: map[string]string{}}
 	a.registerMetrics(metrics)
 	checks := &health.Checks{}
 	checks.Add("lease", func(context.Context) error { return a.leaseReady() })
@@ -320,11 +320,11 @@ type agent struct {
 	// (the etcd network config not there yet); nil otherwise.
 	pending error
 
-	// known holds every lease the registry reported, by key, this
-	// node's own included: the watch can report a new own lease before
-	// setLease records it, so which one is this node's is decided only
-	// when counting (peerCount), never when storing.
-	known map[string]lease.Lease
+	// known holds the node name of every lease the registry reported, by
+	// key, this node's own included: the watch can report a new own lease
+	// before setLease records it, so which one is this node's is decided
+	// only when counting (peerCount), never when storing.
+	known map[string]string
 
 	subnetWrote atomic.Bool
 }
@@ -495,7 +495,7 @@ func (a *agent) deliver(events []lease.Event) {
 	for _, e := range events {
 		switch e.Type {
 		case lease.Added:
-			a.known[e.Lease.Key()] = e.Lease
+			a.known[e.Lease.Key()] = e.Lease.Attrs.NodeName
 		case lease.Removed:
 			delete(a.known, e.Lease.Key())
 		}
@@ -533,11 +533,9 @@ func isOwn(l, own lease.Lease) bool {
 func (a *agent) peerCount() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	n := 0
-	for _, l := range a.known {
-		if !isOwn(l, a.own) {
-			n++
-		}
+	n := len(a.known)
+	if node, ok := a.known[a.own.Key()]; ok && node == a.own.Attrs.NodeName {
+		n--
 	}
 	return n
 }

@@ -45,7 +45,7 @@ func TestPeerCountAcrossSubnetChange(t *testing.T) {
 		t.Fatal(err)
 	}
 	be := &recorder{}
-	a := &agent{log: slog.New(slog.DiscardHandler), be: be, known: map[string]lease.Lease{},
+	a := &agent{log: slog.New(slog.DiscardHandler), be: be, known: map[string]string{},
 		guard: registry.NewGuard(registry.GuardConfig{Network: cfg})}
 	setOwn := func(l lease.Lease) {
 		a.mu.Lock()
