@@ -71,7 +71,7 @@ func testMain(m *testing.M) int {
 	defer os.RemoveAll(dir)
 	for name, pkg := range map[string]string{cni.PluginType: "github.com/loomnet/loom/cmd/loom-cni", echo: "./testdata/echoplugin"} {
 		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, name), pkg)
-		cmd.Env = append(os.Environ(), testnet.StaticCNI)
+		cmd.Env = append(os.Environ(), testnet.Static)
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, out)

@@ -146,7 +146,7 @@ func (o *Options) Validate() error {
 		}
 		o.BinDir = filepath.Dir(exe)
 	}
-	for _, bin := range []string{"loom", "loom-cni"} {
+	for _, bin := range []string{"loom", "loom-lab", "loom-cni"} {
 		if _, err := os.Stat(filepath.Join(o.BinDir, bin)); err != nil {
 			return fmt.Errorf("binary %s not found in %s: run `make build` first (or pass --bin-dir)", bin, o.BinDir)
 		}

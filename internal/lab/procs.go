@@ -47,6 +47,10 @@ func startIn(ns, logPath, bin string, args ...string) (*os.Process, error) {
 
 func (l *Lab) loomBin() string { return filepath.Join(l.Opts.BinDir, "loom") }
 
+// toolBin is loom-lab, which holds `loom store` (see cmd/loom-lab); the lab
+// starts it directly rather than through loom's exec.
+func (l *Lab) toolBin() string { return filepath.Join(l.Opts.BinDir, "loom-lab") }
+
 // startStore starts the store: loom store, or every cluster member that
 // is not running.
 func (l *Lab) startStore() error {
@@ -70,7 +74,7 @@ func (l *Lab) startStore() error {
 	if !l.isKube() {
 		args = append(args, "--network-config", l.netConfPath())
 	}
-	return l.record("store", l.RouterNS(), filepath.Join(dir, "store.log"), args...)
+	return l.recordBin("store", l.RouterNS(), filepath.Join(dir, "store.log"), l.toolBin(), args...)
 }
 
 // AgentArgs is the command line the lab gives node's agent.
@@ -176,7 +180,7 @@ func cmdline(pid int) string {
 			return base
 		}
 	}
-	if len(args) < 2 || filepath.Base(args[0]) != "loom" {
+	if base := filepath.Base(args[0]); len(args) < 2 || (base != "loom" && base != "loom-lab") {
 		return ""
 	}
 	return args[1]

@@ -47,7 +47,7 @@ import (
 	"github.com/loomnet/loom/internal/lease"
 	"github.com/loomnet/loom/internal/netconf"
 	"github.com/loomnet/loom/internal/reach"
-	"github.com/loomnet/loom/internal/storeserver/zapslog"
+	"github.com/loomnet/loom/internal/zapslog"
 )
 
 // Defaults for Config's zero values.

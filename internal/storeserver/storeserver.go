@@ -28,7 +28,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/loomnet/loom/internal/netconf"
-	"github.com/loomnet/loom/internal/storeserver/zapslog"
+	"github.com/loomnet/loom/internal/zapslog"
 )
 
 // Defaults, matching flanneld's -etcd-endpoints and -etcd-prefix.

@@ -1,4 +1,4 @@
-package kubeclient
+package main
 
 import (
 	"errors"
@@ -9,7 +9,8 @@ import (
 	"testing"
 )
 
-// binary is the program whose size and RSS issue #8 is about.
+// binary is the node binary: every node runs it, so its size and RSS are
+// what issue #8 measures.
 const binary = "github.com/loomnet/loom/cmd/loom"
 
 // allowedAPIGroups are the k8s.io/api packages the binary may link: the
@@ -18,22 +19,30 @@ const binary = "github.com/loomnet/loom/cmd/loom"
 // resource that needs it (discovery/v1 for EndpointSlices, say).
 var allowedAPIGroups = []string{"k8s.io/api/core/v1"}
 
-// heavyPackages must never be linked: each drags every API group (or the
-// OpenAPI models) in with it.
+// heavyPackages must never be linked: the first ones drag every API group
+// (or the OpenAPI models) in with them; the others are the single-machine
+// tools, which live in loom-lab (cmd/loom-lab says why).
 var heavyPackages = map[string]string{
-	"k8s.io/client-go/kubernetes":          "the typed clientset of every API group",
-	"k8s.io/client-go/informers":           "informers of every API group",
-	"k8s.io/client-go/applyconfigurations": "apply configurations of every API group",
-	"k8s.io/client-go/discovery":           "discovery, with the OpenAPI models",
-	"github.com/google/gnostic-models":     "the OpenAPI models",
+	"k8s.io/client-go/kubernetes":                  "the typed clientset of every API group",
+	"k8s.io/client-go/informers":                   "informers of every API group",
+	"k8s.io/client-go/applyconfigurations":         "apply configurations of every API group",
+	"k8s.io/client-go/discovery":                   "discovery, with the OpenAPI models",
+	"github.com/google/gnostic-models":             "the OpenAPI models",
+	"go.etcd.io/etcd/server":                       "the etcd server of loom store (loom-lab)",
+	"go.etcd.io/raft":                              "etcd's raft, for loom store (loom-lab)",
+	"github.com/loomnet/loom/internal/storeserver": "loom store (loom-lab)",
+	"github.com/loomnet/loom/internal/lab":         "the lab harness (loom-lab)",
+	"github.com/loomnet/loom/internal/labcmd":      "loom lab (loom-lab)",
+	"github.com/loomnet/loom/internal/bench":       "loom bench (loom-lab)",
 }
 
-// TestBinaryLinksCoreAPIOnly keeps the loom binary lean: with client-go's
+// TestNodeBinaryIsLean keeps the loom binary lean: with client-go's
 // clientset and informer factory it was 106 MB and the idle agent's RSS 55
 // MiB, most of it pages of the binary touched by package init (issue #8;
-// the target is 40 MB). Loom talks to the API through this package, which
-// links only the groups in allowedAPIGroups.
-func TestBinaryLinksCoreAPIOnly(t *testing.T) {
+// the target is 40 MB); the etcd server and the lab in it cost another
+// 6.5 MiB. Loom talks to the API through internal/kubeclient, which links
+// only the groups in allowedAPIGroups, and the tools are in loom-lab.
+func TestNodeBinaryIsLean(t *testing.T) {
 	goCmd, err := exec.LookPath("go")
 	if err != nil {
 		t.Fatalf("the go command lists the binary's packages: %v", err)
@@ -76,8 +85,9 @@ func TestBinaryLinksCoreAPIOnly(t *testing.T) {
 	}
 	if len(bad) > 0 {
 		t.Errorf("%s links %d packages it must not:\n\t%s\n"+
-			"Every API group costs megabytes of binary and of the agent's RSS (issue #8: 106 MB and 55 MiB with client-go's clientset, target 40 MB): "+
-			"talk to the API through internal/kubeclient, and add a group to its scheme and to allowedAPIGroups (now %s) only for a resource loom reads",
+			"Every package linked costs binary and the agent's RSS on every node (issue #8: 106 MB and 55 MiB with client-go's clientset, target 40 MB): "+
+			"talk to the API through internal/kubeclient, and add a group to its scheme and to allowedAPIGroups (now %s) only for a resource loom reads; "+
+			"put single-machine tools in cmd/loom-lab",
 			binary, len(bad), strings.Join(bad, "\n\t"), strings.Join(allowedAPIGroups, ", "))
 	}
 }
