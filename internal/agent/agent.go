@@ -473,8 +473,9 @@ func (a *agent) listPeers(ctx context.Context, reg subnetManager) ([]lease.Lease
 		leases, rev, err := reg.List(ctx)
 		if err == nil {
 			events := make([]lease.Event, 0, len(leases))
-			for _, l := range leases {
-				events = append(events, lease.Event{Type: lease.Added, Lease: l})
+			for i := range leases {
+				// The same leases Watch gets as known: one copy of each.
+				events = append(events, lease.Event{Type: lease.Added, Lease: &leases[i]})
 			}
 			a.deliver(events)
 			return leases, rev, nil
@@ -507,7 +508,7 @@ func (a *agent) deliver(events []lease.Event) {
 		// for the subnet this node holds means this node lost it (a
 		// partition longer than the TTL) and is about to move: the
 		// backend keeps it and programs it once SetLocal moves this node.
-		if isOwn(e.Lease, own) {
+		if isOwn(e.Lease, &own) {
 			continue
 		}
 		switch e.Type {
@@ -525,7 +526,7 @@ func (a *agent) deliver(events []lease.Event) {
 
 // isOwn says whether l is own, the lease this node holds: the same
 // subnets claimed by the same node.
-func isOwn(l, own lease.Lease) bool {
+func isOwn(l, own *lease.Lease) bool {
 	return l.Subnet == own.Subnet && l.IPv6Subnet == own.IPv6Subnet && l.Attrs.NodeName == own.Attrs.NodeName
 }
 

@@ -56,14 +56,14 @@ func TestPeerCountAcrossSubnetChange(t *testing.T) {
 	n3New := nodeLease("n3", 112)
 
 	setOwn(n1Old)
-	a.deliver([]lease.Event{{Type: lease.Added, Lease: n1Old}, {Type: lease.Added, Lease: n2}, {Type: lease.Added, Lease: n3Old}})
+	a.deliver([]lease.Event{{Type: lease.Added, Lease: &n1Old}, {Type: lease.Added, Lease: &n2}, {Type: lease.Added, Lease: &n3Old}})
 	if got := a.peerCount(); got != 2 {
 		t.Fatalf("before the partition: %d peers, want 2", got)
 	}
 	// Partition: n1's lease expires; n3 moves onto n1's old subnet.
-	a.deliver([]lease.Event{{Type: lease.Removed, Lease: n1Old}, {Type: lease.Removed, Lease: n3Old}, {Type: lease.Added, Lease: n3New}})
+	a.deliver([]lease.Event{{Type: lease.Removed, Lease: &n1Old}, {Type: lease.Removed, Lease: &n3Old}, {Type: lease.Added, Lease: &n3New}})
 	// Healed: n1 claims a new subnet; the watch is faster than setLease.
-	a.deliver([]lease.Event{{Type: lease.Added, Lease: n1New}})
+	a.deliver([]lease.Event{{Type: lease.Added, Lease: &n1New}})
 	setOwn(n1New)
 	if got := a.peerCount(); got != 2 {
 		t.Errorf("after the move: %d peers, want 2 (n2 and n3)", got)

@@ -346,7 +346,7 @@ func (a *agentNode) peers(t *testing.T) *peerStream {
 	}
 	var first []lease.Event
 	for _, l := range known {
-		first = append(first, lease.Event{Type: lease.Added, Lease: l})
+		first = append(first, lease.Event{Type: lease.Added, Lease: &l})
 	}
 	deliver(first)
 	done := make(chan struct{})

@@ -368,9 +368,9 @@ func (m *Manager) Watch(ctx context.Context, _ int64, known []lease.Lease, out f
 	if err := m.sync(ctx); err != nil {
 		return fmt.Errorf("watch Nodes: %w", err)
 	}
-	told := make(map[string]lease.Lease, len(known))
-	for _, l := range known {
-		told[l.Attrs.NodeName] = l
+	told := make(map[string]*lease.Lease, len(known))
+	for i := range known {
+		told[known[i].Attrs.NodeName] = &known[i]
 	}
 	// Whatever happened between List and now: compare every Node. The
 	// marks are cleared first: a change after this is marked again.
@@ -405,7 +405,7 @@ func (m *Manager) Watch(ctx context.Context, _ int64, known []lease.Lease, out f
 
 // diff compares the named Nodes' current leases with told, updates told
 // and returns the events that say the difference, removals first.
-func (m *Manager) diff(names map[string]struct{}, told map[string]lease.Lease) []lease.Event {
+func (m *Manager) diff(names map[string]struct{}, told map[string]*lease.Lease) []lease.Event {
 	sorted := slices.Sorted(func(yield func(string) bool) {
 		for n := range names {
 			if !yield(n) {
@@ -435,9 +435,9 @@ func (m *Manager) diff(names map[string]struct{}, told map[string]lease.Lease) [
 			delete(told, name)
 			had = false
 		}
-		if have && (!had || !sameLease(old, cur)) {
-			added = append(added, lease.Event{Type: lease.Added, Lease: cur})
-			told[name] = cur
+		if have && (!had || !sameLease(*old, cur)) {
+			added = append(added, lease.Event{Type: lease.Added, Lease: &cur})
+			told[name] = &cur
 		}
 	}
 	return append(removed, added...)

@@ -402,7 +402,7 @@ func TestPeers(t *testing.T) {
 	record(func() []lease.Event {
 		var ev []lease.Event
 		for _, l := range known {
-			ev = append(ev, lease.Event{Type: lease.Added, Lease: l})
+			ev = append(ev, lease.Event{Type: lease.Added, Lease: &l})
 		}
 		return ev
 	}())

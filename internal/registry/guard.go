@@ -104,7 +104,7 @@ func (g *Guard) Filter(events []lease.Event) []lease.Event {
 				out = append(out, ev)
 				continue
 			}
-			g.skip(ev.Lease, reason, detail)
+			g.skip(*ev.Lease, reason, detail)
 			if reason != SkipOverlap {
 				g.held.remove(key)
 			}
@@ -126,7 +126,7 @@ func (g *Guard) Filter(events []lease.Event) []lease.Event {
 // releaseLocked accepts the held leases that overlapped gone and now pass,
 // in key order (when two of them overlap each other, the first in key
 // order wins, and the other stays held).
-func (g *Guard) releaseLocked(gone lease.Lease) []lease.Event {
+func (g *Guard) releaseLocked(gone *lease.Lease) []lease.Event {
 	var out []lease.Event
 	for _, key := range g.held.overlapping(gone, "") {
 		l, _ := g.held.get(key)
@@ -142,7 +142,7 @@ func (g *Guard) releaseLocked(gone lease.Lease) []lease.Event {
 // check returns why l (whose key is key) must be skipped ("" if it may
 // pass) and the details. It records a lease skipped only for an overlap in
 // g.held, and forgets a held version of it that no longer qualifies.
-func (g *Guard) check(key string, l lease.Lease) (reason, detail string) {
+func (g *Guard) check(key string, l *lease.Lease) (reason, detail string) {
 	for _, f := range []struct {
 		subnet, network netip.Prefix
 		enabled         bool
@@ -236,20 +236,20 @@ func overlaps(a, b lease.Lease) bool {
 // the others. The two trees follow the two fields overlaps compares:
 // Subnet with Subnet, IPv6Subnet with IPv6Subnet.
 type leaseSet struct {
-	byKey       map[string]lease.Lease
-	subnets     spanTree // of the members' Subnet
-	ipv6Subnets spanTree // of the members' IPv6Subnet
+	byKey       map[string]*lease.Lease // shared with the events (lease.Event)
+	subnets     spanTree                // of the members' Subnet
+	ipv6Subnets spanTree                // of the members' IPv6Subnet
 }
 
-func newLeaseSet() leaseSet { return leaseSet{byKey: map[string]lease.Lease{}} }
+func newLeaseSet() leaseSet { return leaseSet{byKey: map[string]*lease.Lease{}} }
 
-func (s *leaseSet) get(key string) (lease.Lease, bool) {
+func (s *leaseSet) get(key string) (*lease.Lease, bool) {
 	l, ok := s.byKey[key]
 	return l, ok
 }
 
 // put adds l under key, replacing the member there.
-func (s *leaseSet) put(key string, l lease.Lease) {
+func (s *leaseSet) put(key string, l *lease.Lease) {
 	s.remove(key)
 	s.byKey[key] = l
 	s.subnets.insert(l.Subnet, key)
@@ -257,7 +257,7 @@ func (s *leaseSet) put(key string, l lease.Lease) {
 }
 
 // remove deletes the member under key and returns it.
-func (s *leaseSet) remove(key string) (lease.Lease, bool) {
+func (s *leaseSet) remove(key string) (*lease.Lease, bool) {
 	l, ok := s.byKey[key]
 	if !ok {
 		return l, false
@@ -270,7 +270,7 @@ func (s *leaseSet) remove(key string) (lease.Lease, bool) {
 
 // overlapping returns the keys of the members that overlap l (as overlaps
 // says), sorted, without except.
-func (s *leaseSet) overlapping(l lease.Lease, except string) []string {
+func (s *leaseSet) overlapping(l *lease.Lease, except string) []string {
 	var keys []string
 	add := func(k string) {
 		if k != except {

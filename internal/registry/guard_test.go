@@ -45,27 +45,27 @@ func (g *refGuard) Filter(events []lease.Event) []lease.Event {
 		key := ev.Lease.Key()
 		switch ev.Type {
 		case lease.Added:
-			reason, detail := g.check(ev.Lease)
+			reason, detail := g.check(*ev.Lease)
 			if reason == "" {
-				g.accepted[key] = ev.Lease
+				g.accepted[key] = *ev.Lease
 				delete(g.held, key)
 				out = append(out, ev)
 				continue
 			}
-			g.onSkip(ev.Lease, reason, detail)
+			g.onSkip(*ev.Lease, reason, detail)
 			if reason != SkipOverlap {
 				delete(g.held, key)
 			}
 			if old, ok := g.accepted[key]; ok {
 				delete(g.accepted, key)
-				out = append(out, lease.Event{Type: lease.Removed, Lease: old})
+				out = append(out, lease.Event{Type: lease.Removed, Lease: &old})
 				out = append(out, g.release(old)...)
 			}
 		case lease.Removed:
 			delete(g.held, key)
 			if old, ok := g.accepted[key]; ok {
 				delete(g.accepted, key)
-				out = append(out, lease.Event{Type: lease.Removed, Lease: old})
+				out = append(out, lease.Event{Type: lease.Removed, Lease: &old})
 				out = append(out, g.release(old)...)
 			}
 		}
@@ -88,7 +88,7 @@ func (g *refGuard) release(gone lease.Lease) []lease.Event {
 		if reason, _ := g.check(l); reason == "" {
 			delete(g.held, key)
 			g.accepted[key] = l
-			out = append(out, lease.Event{Type: lease.Added, Lease: l})
+			out = append(out, lease.Event{Type: lease.Added, Lease: &l})
 		}
 	}
 	return out
@@ -200,7 +200,7 @@ func fuzzEvents(b []byte, dual bool) []lease.Event {
 		if op&1 != 0 && ip&0x40 != 0 {
 			typ = lease.Removed
 		}
-		evs = append(evs, lease.Event{Type: typ, Lease: l})
+		evs = append(evs, lease.Event{Type: typ, Lease: &l})
 	}
 	return evs
 }
@@ -283,9 +283,9 @@ func TestGuardForgetsHeldLeaseTurnedBad(t *testing.T) {
 	}
 	first := mk("fc00:0:0:1::/64", "198.18.0.11")
 	second := mk("fc00:0:0:2::/64", "198.18.0.12")
-	g.Filter([]lease.Event{{Type: lease.Added, Lease: first}, {Type: lease.Added, Lease: second}})
-	g.Filter([]lease.Event{{Type: lease.Added, Lease: mk("fc00:0:0:2::/64", "127.0.0.1")}})
-	got := g.Filter([]lease.Event{{Type: lease.Removed, Lease: first}})
+	g.Filter([]lease.Event{{Type: lease.Added, Lease: &first}, {Type: lease.Added, Lease: &second}})
+	g.Filter([]lease.Event{{Type: lease.Added, Lease: new(mk("fc00:0:0:2::/64", "127.0.0.1"))}})
+	got := g.Filter([]lease.Event{{Type: lease.Removed, Lease: &first}})
 	if len(got) != 1 || got[0].Type != lease.Removed {
 		t.Fatalf("after the holder went: %v, want only its removal", got)
 	}
@@ -299,7 +299,7 @@ func guardBenchLeases(n int) []lease.Event {
 	for j := range evs {
 		i := j + 1
 		subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i >> 5), byte(i&31) << 3}), 29)
-		evs[j] = lease.Event{Type: lease.Added, Lease: lease.Lease{Subnet: subnet,
+		evs[j] = lease.Event{Type: lease.Added, Lease: &lease.Lease{Subnet: subnet,
 			Attrs: lease.Attrs{PublicIP: netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), BackendType: "vxlan"}}}
 	}
 	slices.SortFunc(evs, func(a, b lease.Event) int { return strings.Compare(a.Lease.Key(), b.Lease.Key()) })

@@ -166,7 +166,7 @@ func TestGuardSkipsHostileLeases(t *testing.T) {
 	}
 	var events []lease.Event
 	for _, l := range leases {
-		events = append(events, lease.Event{Type: lease.Added, Lease: l})
+		events = append(events, lease.Event{Type: lease.Added, Lease: &l})
 	}
 	passed := map[string]bool{}
 	for _, ev := range g.Filter(events) {
@@ -237,10 +237,10 @@ func TestGuardReleasesOverlapWhenHolderGoes(t *testing.T) {
 	}
 	first := mk("10.244.1.0/24", "fc00:0:0:1::/64", "198.18.0.11")
 	second := mk("10.244.1.0/24", "fc00:0:0:2::/64", "198.18.0.12") // same IPv4 subnet
-	if got := g.Filter([]lease.Event{{Type: lease.Added, Lease: first}, {Type: lease.Added, Lease: second}}); len(got) != 1 || got[0].Lease.Key() != first.Key() {
+	if got := g.Filter([]lease.Event{{Type: lease.Added, Lease: &first}, {Type: lease.Added, Lease: &second}}); len(got) != 1 || got[0].Lease.Key() != first.Key() {
 		t.Fatalf("passed %v, want only the first", got)
 	}
-	got := g.Filter([]lease.Event{{Type: lease.Removed, Lease: first}})
+	got := g.Filter([]lease.Event{{Type: lease.Removed, Lease: &first}})
 	if len(got) != 2 || got[0].Type != lease.Removed || got[1].Type != lease.Added || got[1].Lease.Key() != second.Key() {
 		t.Fatalf("after the first went: %v, want it removed and the second added", got)
 	}
@@ -460,14 +460,14 @@ func FuzzGuard(f *testing.F) {
 			if err != nil {
 				continue
 			}
-			events = append(events, lease.Event{Type: lease.Added, Lease: lease.Lease{Subnet: v4, IPv6Subnet: v6, Attrs: a, Expiration: time.Now().Add(time.Hour)}})
+			events = append(events, lease.Event{Type: lease.Added, Lease: &lease.Lease{Subnet: v4, IPv6Subnet: v6, Attrs: a, Expiration: time.Now().Add(time.Hour)}})
 		}
 		var passed []lease.Lease
 		for _, ev := range g.Filter(events) {
 			if ev.Type != lease.Added {
 				continue
 			}
-			l := ev.Lease
+			l := *ev.Lease
 			if !lease.Fits(cfg, l.Subnet, l.IPv6Subnet) || !cfg.Network.Contains(l.Subnet.Addr()) {
 				t.Fatalf("passed %v, which does not fit %s", l, cfg.Network)
 			}

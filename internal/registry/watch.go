@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -52,11 +53,13 @@ const removeDelay = 5 * time.Second
 // Watch returns only when ctx is done, with ctx.Err(). out is called from
 // Watch's goroutine, never concurrently.
 func (r *Registry) Watch(ctx context.Context, fromRevision int64, known []lease.Lease, out func([]lease.Event)) error {
-	state := make(map[string]lease.Lease, len(known))
-	for _, l := range known {
-		state[l.Key()] = l
+	// The watch's state and the damper's share each lease with the
+	// caller's list: one copy of every lease, whoever holds it.
+	state := make(map[string]*lease.Lease, len(known))
+	for i := range known {
+		state[known[i].Key()] = &known[i]
 	}
-	d := newDamper(known, out)
+	d := newDamper(state, out)
 	defer d.stop()
 	pos := position{rev: fromRevision, seen: fromRevision}
 	var retry backoff
@@ -108,17 +111,13 @@ func (r *Registry) Watch(ctx context.Context, fromRevision int64, known []lease.
 // drops events that would not change what the caller was told.
 type damper struct {
 	out     func([]lease.Event)
-	told    map[string]lease.Lease // what the caller believes is in the registry
+	told    map[string]*lease.Lease // what the caller believes is in the registry
 	pending map[string]time.Time   // removals waiting, by key, with when they are due
 	timer   *time.Timer            // fires at the earliest due removal; nil until needed
 }
 
-func newDamper(known []lease.Lease, out func([]lease.Event)) *damper {
-	d := &damper{out: out, told: make(map[string]lease.Lease, len(known)), pending: map[string]time.Time{}}
-	for _, l := range known {
-		d.told[l.Key()] = l
-	}
-	return d
+func newDamper(known map[string]*lease.Lease, out func([]lease.Event)) *damper {
+	return &damper{out: out, told: maps.Clone(known), pending: map[string]time.Time{}}
 }
 
 // send passes evs on, except that removals wait for delay.
@@ -220,7 +219,7 @@ type position struct {
 // and advancing pos, until the watch ends. It returns errCompacted when the
 // start revision is no longer in etcd's history, and errStoreReset when the
 // store shows a revision below one it showed before.
-func (r *Registry) watchFrom(ctx context.Context, pos *position, state map[string]lease.Lease, d *damper) error {
+func (r *Registry) watchFrom(ctx context.Context, pos *position, state map[string]*lease.Lease, d *damper) error {
 	// RequireLeader: a member cut off from its cluster closes the watch
 	// instead of leaving it silent, and the re-open finds a healthy member.
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
@@ -274,7 +273,7 @@ func (r *Registry) watchFrom(ctx context.Context, pos *position, state map[strin
 					if err != nil {
 						continue
 					}
-					old = lease.Lease{Subnet: v4, IPv6Subnet: v6}
+					old = &lease.Lease{Subnet: v4, IPv6Subnet: v6}
 				}
 				delete(state, old.Key())
 				evs = append(evs, lease.Event{Type: lease.Removed, Lease: old})
@@ -291,10 +290,11 @@ func (r *Registry) watchFrom(ctx context.Context, pos *position, state map[strin
 				}
 				continue
 			}
+			l := &e.Lease
 			old, ok := state[e.Key()]
-			state[e.Key()] = e.Lease
-			if !ok || !sameLease(old, e.Lease) {
-				evs = append(evs, lease.Event{Type: lease.Added, Lease: e.Lease})
+			state[e.Key()] = l
+			if !ok || !sameLease(old, l) {
+				evs = append(evs, lease.Event{Type: lease.Added, Lease: l})
 			}
 		}
 		if wresp.IsProgressNotify() {
@@ -323,10 +323,10 @@ func (r *Registry) leaseKey(key string) string {
 
 // diff replaces state with a fresh listing and returns what changed:
 // removals first, so a subnet that moved is withdrawn before it reappears.
-func diff(state map[string]lease.Lease, entries []entry) []lease.Event {
-	fresh := make(map[string]lease.Lease, len(entries))
+func diff(state map[string]*lease.Lease, entries []entry) []lease.Event {
+	fresh := make(map[string]bool, len(entries))
 	for _, e := range entries {
-		fresh[e.Key()] = e.Lease
+		fresh[e.Key()] = true
 	}
 	var evs []lease.Event
 	for k, old := range state {
@@ -335,18 +335,19 @@ func diff(state map[string]lease.Lease, entries []entry) []lease.Event {
 			delete(state, k)
 		}
 	}
-	for _, e := range entries {
-		old, ok := state[e.Key()]
-		if !ok || !sameLease(old, e.Lease) {
-			evs = append(evs, lease.Event{Type: lease.Added, Lease: e.Lease})
+	for i := range entries {
+		l := &entries[i].Lease
+		old, ok := state[l.Key()]
+		if !ok || !sameLease(old, l) {
+			evs = append(evs, lease.Event{Type: lease.Added, Lease: l})
 		}
-		state[e.Key()] = e.Lease
+		state[l.Key()] = l
 	}
 	return evs
 }
 
 // sameLease reports whether a and b look the same to a peer.
-func sameLease(a, b lease.Lease) bool {
+func sameLease(a, b *lease.Lease) bool {
 	return a.Subnet == b.Subnet && a.IPv6Subnet == b.IPv6Subnet && a.Reserved() == b.Reserved() && sameAttrs(a.Attrs, b.Attrs)
 }
 

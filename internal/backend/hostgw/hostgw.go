@@ -262,8 +262,8 @@ func (n *Network) Handle(events []lease.Event) {
 					"fix", "run every node of the cluster with the same backend type")
 				continue
 			}
-			n.peers[id] = l
-			keys = append(keys, routeKeys(l)...)
+			n.peers[id] = *l
+			keys = append(keys, routeKeys(*l)...)
 		case lease.Removed:
 			delete(n.peers, id)
 		default:

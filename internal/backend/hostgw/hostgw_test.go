@@ -75,7 +75,7 @@ func stubNode(t *testing.T) testNode {
 func added(ls ...lease.Lease) []lease.Event {
 	var evs []lease.Event
 	for _, l := range ls {
-		evs = append(evs, lease.Event{Type: lease.Added, Lease: l})
+		evs = append(evs, lease.Event{Type: lease.Added, Lease: &l})
 	}
 	return evs
 }
@@ -230,7 +230,7 @@ func TestHostGW(t *testing.T) {
 	})
 
 	t.Run("removed peer loses its routes", func(t *testing.T) {
-		nw.Handle([]lease.Event{{Type: lease.Removed, Lease: node(3)}})
+		nw.Handle([]lease.Event{{Type: lease.Removed, Lease: new(node(3))}})
 		nstest.Eventually(t, withinResync, "n3's routes gone", func() bool {
 			return !hasRoute(t, n1, "10.244.3.0/24") && !hasRoute(t, n1, "fc00:0:0:3::/64")
 		})

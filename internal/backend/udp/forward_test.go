@@ -167,7 +167,7 @@ func TestHandle(t *testing.T) {
 		t.Errorf("%d warnings for the vxlan peer, want 1:\n%s", got, logs)
 	}
 
-	n.Handle([]lease.Event{{Type: lease.Removed, Lease: node(2)}, {Type: lease.Removed, Lease: vx}})
+	n.Handle([]lease.Event{{Type: lease.Removed, Lease: new(node(2))}, {Type: lease.Removed, Lease: &vx}})
 	if _, ok := n.table.Load().lookup(dst); ok {
 		t.Error("peer still routed after Removed")
 	}

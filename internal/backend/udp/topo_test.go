@@ -152,7 +152,7 @@ func newTopo(t testing.TB, o topoOptions) *testTopo {
 func added(ls ...lease.Lease) []lease.Event {
 	var evs []lease.Event
 	for _, l := range ls {
-		evs = append(evs, lease.Event{Type: lease.Added, Lease: l})
+		evs = append(evs, lease.Event{Type: lease.Added, Lease: &l})
 	}
 	return evs
 }

@@ -283,7 +283,7 @@ func (n *Network) Handle(events []lease.Event) {
 		l := ev.Lease
 		switch ev.Type {
 		case lease.Added:
-			n.peers[l.Key()] = l
+			n.peers[l.Key()] = *l
 		case lease.Removed:
 			delete(n.peers, l.Key())
 		default:

@@ -60,8 +60,8 @@ func decodeData(raw json.RawMessage) (peerData, error) {
 // data decoded (a JSON decode per peer and family, thousands per plan).
 type peer struct {
 	key    string
-	l      lease.Lease
-	v4, v6 decoded // BackendData, BackendV6Data; only for vxlan peers
+	l      *lease.Lease // shared with the event it came in, read-only
+	v4, v6 decoded      // BackendData, BackendV6Data; only for vxlan peers
 }
 
 // decoded is a peer's backend data for one family, or why it is unusable.
@@ -70,7 +70,7 @@ type decoded struct {
 	err error
 }
 
-func newPeer(key string, l lease.Lease) peer {
+func newPeer(key string, l *lease.Lease) peer {
 	p := peer{key: key, l: l}
 	if l.Attrs.BackendType == Type {
 		p.v4.peerData, p.v4.err = decodeData(l.Attrs.BackendData)
@@ -93,7 +93,7 @@ type leg struct {
 	public netip.Addr
 }
 
-func legOf(l lease.Lease, v6 bool) leg {
+func legOf(l *lease.Lease, v6 bool) leg {
 	if !v6 {
 		return leg{subnet: l.Subnet.Masked(), public: l.Attrs.PublicIP}
 	}
@@ -194,8 +194,8 @@ type desired struct {
 // are taken in key order, so equal inputs give equal answers.
 func plan(local lease.Lease, peers []lease.Lease, w world) desired {
 	ps := make([]peer, len(peers))
-	for i, l := range peers {
-		ps[i] = newPeer(l.Key(), l)
+	for i := range peers {
+		ps[i] = newPeer(peers[i].Key(), &peers[i])
 	}
 	return planPeers(local, ps, w)
 }
@@ -225,7 +225,7 @@ func planPeers(local lease.Lease, peers []peer, w world) desired {
 			if !lg.subnet.IsValid() {
 				continue // the peer leases nothing in this family
 			}
-			own := legOf(local, dev.v6)
+			own := legOf(&local, dev.v6)
 			bad := func(reason, fix string) {
 				d.problems = append(d.problems, problem{kind: skipUnusable, peer: pr.key, node: p.Attrs.NodeName,
 					subnet: lg.subnet, reason: reason, fix: fix})

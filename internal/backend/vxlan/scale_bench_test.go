@@ -212,7 +212,7 @@ func BenchmarkVXLAN5000Peers(b *testing.B) {
 			for i := 0; i < scalePeers; i += 10 {
 				l := scaleLease(i, gen)
 				want = append(want, l)
-				batch = append(batch, lease.Event{Type: lease.Added, Lease: l})
+				batch = append(batch, lease.Event{Type: lease.Added, Lease: &l})
 				if len(batch) == 100 {
 					nw.Handle(batch)
 					batch = nil

@@ -627,7 +627,7 @@ func (n *Network) desiredLinks() ([]links.Device, error) {
 	}
 	var ds []links.Device
 	for _, f := range n.fams {
-		own := legOf(local, f.v6)
+		own := legOf(&local, f.v6)
 		if !own.subnet.IsValid() {
 			field := "PublicIP"
 			if f.v6 {

@@ -162,7 +162,7 @@ func (n *testNode) lease(f fams, nw *Network) lease.Lease {
 func added(ls ...lease.Lease) []lease.Event {
 	var evs []lease.Event
 	for _, l := range ls {
-		evs = append(evs, lease.Event{Type: lease.Added, Lease: l})
+		evs = append(evs, lease.Event{Type: lease.Added, Lease: &l})
 	}
 	return evs
 }
@@ -649,7 +649,7 @@ func TestVXLANPeersSkipped(t *testing.T) {
 		}
 	}
 	// A removed peer loses its entries.
-	nw.Handle([]lease.Event{{Type: lease.Removed, Lease: v4only(node(2))}})
+	nw.Handle([]lease.Event{{Type: lease.Removed, Lease: new(v4only(node(2)))}})
 	nstest.Eventually(t, within, "n2's entries gone", func() bool {
 		_, n := kernelNeigh(t, n1.h, "flannel.1", n2.subnet.Addr())
 		_, f := kernelFDB(t, n1.h, "flannel.1", n2.mac)
