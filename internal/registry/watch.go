@@ -112,8 +112,8 @@ func (r *Registry) Watch(ctx context.Context, fromRevision int64, known []lease.
 type damper struct {
 	out     func([]lease.Event)
 	told    map[string]*lease.Lease // what the caller believes is in the registry
-	pending map[string]time.Time   // removals waiting, by key, with when they are due
-	timer   *time.Timer            // fires at the earliest due removal; nil until needed
+	pending map[string]time.Time    // removals waiting, by key, with when they are due
+	timer   *time.Timer             // fires at the earliest due removal; nil until needed
 }
 
 func newDamper(known map[string]*lease.Lease, out func([]lease.Event)) *damper {
