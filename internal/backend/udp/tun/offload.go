@@ -290,8 +290,15 @@ func sameFlow(a, b []byte, sa, sb tcpSeg) bool {
 		bytes.Equal(ta[tcpCsum+2:], tb[tcpCsum+2:]) // urgent pointer, options
 }
 
-// checksumOK verifies the TCP checksum of a segment parseSeg accepted.
+// checksumOK verifies the checksums of a segment parseSeg accepted: TCP's
+// and, for IPv4, the header's. Merging rewrites the headers and the kernel
+// checks only the merged frame's, so a segment whose IPv4 header checksum
+// is wrong would otherwise come out repaired instead of dropped (found by
+// FuzzCoalesce).
 func checksumOK(p []byte, s tcpSeg) bool {
+	if !s.v6 && fold(sum(p[:s.l4], 0)) != 0xffff {
+		return false
+	}
 	src, dst := addrs(p, s.v6)
 	return fold(sum(p[s.l4:], pseudoHeader(src, dst, protoTCP, len(p)-s.l4))) == 0xffff
 }

@@ -368,6 +368,17 @@ func TestCoalesce(t *testing.T) {
 			{"not TCP", [][]byte{udp, five[0], udp}, []int{1, 1, 1}},
 			{"a whole 64 KiB packet", [][]byte{big}, []int{1}},
 		}
+		if !v6 {
+			// Merging rewrites the IPv4 header: a segment whose header
+			// checksum is wrong would come out repaired.
+			badIPSum := clonePkts(five)
+			badIPSum[2][ipv4Csum] ^= 1
+			tests = append(tests, struct {
+				name string
+				pkts [][]byte
+				runs []int
+			}{"bad IPv4 header checksum goes alone", badIPSum, []int{2, 1, 2}})
+		}
 		for _, tc := range tests {
 			t.Run(map[bool]string{false: "v4 ", true: "v6 "}[v6]+tc.name, func(t *testing.T) {
 				pkts := clonePkts(tc.pkts)
